@@ -1,0 +1,63 @@
+"""The contract between the decode engine and every drafter.
+
+A drafter is a library: it knows nothing of Ray, gRPC, Redis or the verifier. The engine drives a
+request through ``start -> (propose -> observe)* -> finish``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from actors.draft import Draft
+from actors.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What one verify step taught: sent to the drafter after the engine commits."""
+
+    draft: Draft  # the tree that was verified
+    accepted_nodes: list[int]  # draft node indices on the accepted path, root to leaf
+    new_tokens: list[int]  # committed this step: the accepted draft tokens + the target's bonus token
+    # [1 + n, k] the target's top-k token ids at the pending token (row 0) and at every draft node,
+    # rejected branches included (free statistics, as Token Recycling uses them). None unless the
+    # drafter asked for it through ``target_topk``.
+    target_topk: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    #: How many of the target's top tokens per verified node ``observe`` wants (0 = none).
+    target_topk: int
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None: ...
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        """Draft a tree below ``context[-1]`` (the pending token); at most ``max_nodes`` nodes."""
+        ...
+
+    def observe(self, request_id: str, feedback: Feedback) -> None: ...
+
+    def finish(self, request_id: str) -> None: ...
+
+
+class NoDrafter:
+    """Plain autoregressive decoding: the same engine with an empty draft."""
+
+    target_topk = 0
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        return Draft.empty()
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        pass
+
+    def finish(self, request_id: str) -> None:
+        pass
