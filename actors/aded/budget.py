@@ -1,0 +1,128 @@
+"""Cost-aware draft budget: how many of the ranked candidate nodes to verify this step.
+
+Verifying ``n`` draft nodes yields ``1 + E[accepted]`` tokens, where ``E[accepted]`` is the sum over
+nodes of P(node on the accepted path), and costs ``cost(1 + n, ctx)`` seconds. With candidates sorted
+by estimated acceptance (parents before children), the step keeps the prefix ``n`` maximising
+
+    (1 + sum_{i < n} p_i) / cost(1 + n, ctx)
+
+and ``n = 0`` (plain autoregressive step) when nothing beats it. The ``p_i`` come from a
+:class:`Calibrator`: the drafter's raw confidence (path probability, visit share, suffix match length
+and depth) is bucketed, and each bucket's acceptance rate is learned online from ``Feedback``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.cost import CostModel
+
+#: Candidate sources; each has its own buckets, because their confidences mean different things.
+NGRAM, MCTS, SUFFIX = 0, 1, 2
+N_SOURCES = 3
+
+
+class BudgetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conf_bins: int = Field(24, ge=2, le=64, description="Half-octave bins of a confidence in (0, 1] (last = below).")
+    suffix_match_bins: int = Field(8, ge=1, le=64, description="Suffix match lengths told apart (longer = last).")
+    suffix_depth_bins: int = Field(16, ge=1, le=256, description="Suffix depths told apart (deeper = last).")
+    suffix_prior: tuple[float, ...] = Field(
+        (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.85), description="Prior per-token acceptance of a suffix "
+        "chain by match length; a node at depth d starts at prior**d.")
+    ngram_prior_scale: float = Field(0.8, gt=0.0, le=1.0, description="Prior of an n-gram bucket: this times "
+                                     "its confidence (corpus statistics overrate themselves on a new model).")
+    mcts_prior_scale: float = Field(0.5, gt=0.0, le=1.0, description="Prior of an MCTS bucket: this times its visit share.")
+    prior_strength: float = Field(8.0, gt=0.0, description="Pseudo-observations behind each prior.")
+    ema_decay: float = Field(0.995, gt=0.0, le=1.0, description="Per-update decay of a bucket's counts (recency).")
+    min_gain: float = Field(0.0, ge=0.0, description="A draft must beat plain decoding by this relative margin.")
+    max_nodes: int = Field(64, ge=0, le=1024, description="Hard cap on nodes per step (the engine's cap also applies).")
+    ctx_step: int = Field(64, ge=1, description="Context-length granularity of the cached cost curve.")
+
+
+class Calibrator:
+    """Online P(node accepted) per (source, confidence bucket); thread-safe, shared by all requests."""
+
+    def __init__(self, config: BudgetConfig) -> None:
+        self.config = config
+        c = config
+        self.offsets = np.array([0, c.conf_bins, 2 * c.conf_bins,
+                                 2 * c.conf_bins + c.suffix_match_bins * c.suffix_depth_bins])
+        centres = 2.0 ** (-(np.arange(c.conf_bins) + 0.5) / 2)
+        match = np.arange(1, c.suffix_match_bins + 1)
+        per_token = np.array([c.suffix_prior[min(m, len(c.suffix_prior)) - 1] for m in match])
+        depth = np.arange(1, c.suffix_depth_bins + 1)
+        suffix = per_token[:, None] ** depth[None, :]
+        self.prior = np.concatenate([c.ngram_prior_scale * centres, c.mcts_prior_scale * centres, suffix.ravel()])
+        self.hits = np.zeros_like(self.prior)
+        self.trials = np.zeros_like(self.prior)
+        self._lock = threading.Lock()
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.prior)
+
+    def conf_bucket(self, source: int, conf: float) -> int:
+        """Bucket of a confidence in (0, 1] for the NGRAM or MCTS source (half-octave bins)."""
+        b = int(-2.0 * np.log2(max(conf, 1e-30))) if conf < 1.0 else 0
+        return int(self.offsets[source]) + min(b, self.config.conf_bins - 1)
+
+    def suffix_bucket(self, match_len: int, depth: int) -> int:
+        m = min(match_len, self.config.suffix_match_bins) - 1
+        d = min(depth, self.config.suffix_depth_bins) - 1
+        return int(self.offsets[SUFFIX]) + m * self.config.suffix_depth_bins + d
+
+    def estimates(self) -> np.ndarray:
+        """[n_buckets] current P(accepted): the EMA counts shrunk toward the prior."""
+        k0 = self.config.prior_strength
+        return (self.hits + k0 * self.prior) / (self.trials + k0)
+
+    def update(self, buckets: np.ndarray, accepted: np.ndarray) -> None:
+        """Fold outcomes: ``buckets`` [m] bucket ids (< 0 ignored), ``accepted`` [m] bool."""
+        keep = buckets >= 0
+        buckets, accepted = buckets[keep], accepted[keep].astype(np.float64)
+        if not len(buckets):
+            return
+        touched = np.unique(buckets)
+        with self._lock:
+            self.hits[touched] *= self.config.ema_decay
+            self.trials[touched] *= self.config.ema_decay
+            np.add.at(self.hits, buckets, accepted)
+            np.add.at(self.trials, buckets, 1.0)
+
+
+class CostTable:
+    """``relative(ctx)[n]`` = cost of verifying n draft nodes / cost of a plain decode step, cached per ctx step."""
+
+    def __init__(self, cost: CostModel, max_nodes: int, ctx_step: int) -> None:
+        self.cost = cost
+        self.max_nodes = max_nodes
+        self.ctx_step = ctx_step
+        self._cache: dict[int, np.ndarray] = {}
+
+    def relative(self, context_len: int) -> np.ndarray:
+        key = context_len // self.ctx_step
+        row = self._cache.get(key)
+        if row is None:
+            ctx = key * self.ctx_step + self.ctx_step // 2
+            sec = np.array([self.cost.forward_seconds(1 + n, ctx) for n in range(self.max_nodes + 1)])
+            row = self._cache[key] = sec / sec[0]
+        return row
+
+
+def choose_budget(probs: np.ndarray, relative_cost: np.ndarray, min_gain: float = 0.0) -> int:
+    """Nodes to keep from ``probs`` [m] (estimated P(accepted), in draft order) under ``relative_cost``.
+
+    ``relative_cost[n]`` is the cost of a forward over 1 + n tokens relative to n = 0.
+    """
+    m = min(len(probs), len(relative_cost) - 1)
+    if m <= 0:
+        return 0
+    expected = 1.0 + np.concatenate([[0.0], np.cumsum(probs[:m])])  # [m + 1] tokens per step
+    rate = expected / relative_cost[: m + 1]
+    n = int(np.argmax(rate))
+    return n if rate[n] > rate[0] * (1.0 + min_gain) else 0

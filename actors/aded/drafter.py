@@ -1,0 +1,144 @@
+"""ADED as a :class:`actors.drafter.Drafter`: tri-gram matrix + adaptive store + context matching,
+one ranked candidate tree per step, cut to a cost-aware budget.
+
+Losslessness. ``propose`` returns ``Draft(tokens, parents)`` with ``q=None``. The engine then treats
+every node as a point-mass proposal: at each tree level it accepts a child token ``x`` with probability
+``p(x) / 1`` relative to the residual target distribution left by the siblings already rejected, which
+is exact (the committed token is distributed as the target's) for *any* tree chosen independently of
+the target's sampling randomness. An ADED tree is such a tree: it is a deterministic (or seeded) search
+over n-gram statistics, not a sample from them. Attaching the tri-gram probabilities as ``q`` would
+claim the nodes were drawn from ``q`` (i.i.d. or without replacement), which they were not (MCTS and
+best-first pick the most probable tokens, never a random draw), and the multi-draft rejection rule
+would then distort the output distribution.
+
+Concurrency. One drafter serves many requests from many threads: per-request state lives in a dict
+keyed by request id, the shared store is thread-safe, and the calibrator guards its counts with a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.aded.budget import MCTS, NGRAM, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
+from actors.aded.mcts import MctsConfig, mcts_paths
+from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
+from actors.aded.suffix import SuffixConfig, suffix_chains
+from actors.aded.tree import BestFirstConfig, CandidateTrie, best_first_paths
+from actors.aded.trigram import TrigramMatrix
+from actors.cost import CostModel
+from actors.draft import Draft
+from actors.drafter import Feedback
+from actors.sampling import SamplingParams
+from shared_state.base import NGramStore
+
+
+class AdedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    search: Literal["best_first", "mcts", "none"] = Field(
+        "best_first", description="How n-gram candidates are found: the most probable paths (default; "
+        "it matched or beat MCTS in the simulator at a fraction of the time), ADED's MCTS, or none.")
+    best_first: BestFirstConfig = Field(default_factory=BestFirstConfig, description="Best-first search settings.")
+    mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
+    suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")
+    ngram: NGramConfig = Field(default_factory=NGramConfig, description="How matrix and store combine.")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="What is folded into the store.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Cost-aware budget and calibration.")
+    target_topk: int = Field(4, ge=0, le=64, description="Target top-k rows asked of the engine (0 = none).")
+    seed: int = Field(0, description="Seed for randomised search when the request gives none.")
+
+
+@dataclass
+class _Request:
+    rng: np.random.Generator
+    greedy: bool
+    folded: int  # context tokens whose tri-grams (ending there) are already in the store
+    pending_state: tuple[int, int] = (-1, -1)  # (context[-2], context[-1]) of the last proposal
+
+
+class AdedDrafter:
+    def __init__(self, matrix: TrigramMatrix, store: NGramStore, config: AdedConfig | None = None,
+                 cost_model: CostModel | None = None) -> None:
+        self.config = config or AdedConfig()
+        self.matrix = matrix
+        self.store = store
+        self.model = NGramModel(matrix, store, self.config.ngram)
+        self.target_topk = self.config.target_topk if self.config.adapt.topk_weights else 0
+        # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
+        self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
+        self.costs = CostTable(cost_model or CostModel.flat(), self.config.budget.max_nodes, self.config.budget.ctx_step)
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        seed = self.config.seed if params.seed is None else params.seed
+        state = _Request(np.random.default_rng(seed), params.greedy, folded=0)
+        if self.config.adapt.fold_prompt:
+            self._fold_context(state, np.asarray(prompt_ids, np.int64))
+        with self._lock:
+            self._requests[request_id] = state
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        state = self._requests[request_id]
+        ctx = np.asarray(context, np.int64)
+        self._fold_context(state, ctx)
+        state.pending_state = (int(ctx[-2]) if len(ctx) > 1 else -1, int(ctx[-1]))
+        calibrator = self.calibrators[state.greedy]
+        trie = self._candidates(ctx, state, calibrator)
+        tokens, parents, probs, buckets = trie.ranked(calibrator.estimates())
+        cap = min(max_nodes, self.config.budget.max_nodes)
+        n = choose_budget(probs[:cap], self.costs.relative(len(ctx)), self.config.budget.min_gain)
+        return Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        state = self._requests.get(request_id)
+        if state is None:
+            return
+        draft = feedback.draft
+        buckets = draft.info.get("buckets")
+        if buckets is not None and len(buckets) == len(draft):
+            accepted = np.zeros(len(draft), bool)
+            accepted[list(feedback.accepted_nodes)] = True
+            per_source = np.repeat(accepted, buckets.shape[1])
+            self.calibrators[state.greedy].update(buckets.ravel(), per_source)
+        if feedback.target_topk is not None and self.config.adapt.topk_weights:
+            inc = topk_increments(state.pending_state, draft.tokens, draft.parents, feedback.target_topk,
+                                  self.config.adapt.topk_weights)
+            self.store.add([x for x in inc if x[0] >= 0])
+
+    def finish(self, request_id: str) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+    def _fold_context(self, state: _Request, ctx: np.ndarray) -> None:
+        """Each verified tri-gram of the request once (the prompt's on start, the output's as it grows)."""
+        delta = self.config.adapt.verified_delta
+        if delta > 0 and len(ctx) > state.folded:
+            self.store.add(trigram_increments(ctx.tolist(), state.folded, delta))
+        state.folded = max(state.folded, len(ctx))
+
+    def _candidates(self, ctx: np.ndarray, state: _Request, calibrator: Calibrator) -> CandidateTrie:
+        """All sources' candidate paths below the pending token, merged into one trie."""
+        trie = CandidateTrie()
+        for match_len, chain in suffix_chains(ctx, self.config.suffix):
+            parent = -1
+            for depth, tok in enumerate(chain.tolist(), start=1):
+                parent = trie.add(parent, tok, SUFFIX, calibrator.suffix_bucket(match_len, depth))
+        a, b = state.pending_state
+        lookup = self.model.memo()
+        if self.config.search == "best_first":
+            paths, source = best_first_paths(lookup, a, b, self.config.best_first), NGRAM
+        elif self.config.search == "mcts":
+            paths, source = mcts_paths(lookup, a, b, self.config.mcts, state.rng), MCTS
+        else:
+            paths, source = [], NGRAM
+        local: list[int] = []
+        for parent, tok, conf in paths:
+            local.append(trie.add(local[parent] if parent >= 0 else -1, tok, source,
+                                  calibrator.conf_bucket(source, conf)))
+        return trie

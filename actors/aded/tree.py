@@ -1,0 +1,109 @@
+"""Candidate trees: merging sources into one trie, ranking it, and the best-first n-gram tree.
+
+Every source (n-gram search, MCTS, suffix chains) adds root-to-node paths to one :class:`CandidateTrie`
+keyed by (parent, token), so agreeing sources share nodes. Each node remembers, per source, the
+calibration bucket it came from; its acceptance estimate is the best of its sources' estimates, made
+monotone along paths (a node is never likelier than its parent), so sorting by it puts parents before
+children and any prefix of the order is a valid subtree for the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.aded.budget import N_SOURCES
+
+Lookup = Callable[[int, int], tuple[list[int], list[float]]]
+
+
+class CandidateTrie:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.buckets: list[list[int]] = []  # [n][N_SOURCES], -1 = not proposed by that source
+        self._index: dict[tuple[int, int], int] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, source: int, bucket: int) -> int:
+        """Node for ``token`` below ``parent`` (-1 = the pending token), created if new."""
+        key = (parent, token)
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.buckets.append([-1] * N_SOURCES)
+        if self.buckets[i][source] < 0:  # a source's first (most confident) claim stands
+            self.buckets[i][source] = bucket
+        return i
+
+    def ranked(self, estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, parents, probs, buckets) in decreasing estimated acceptance, parents first.
+
+        ``estimates`` [n_buckets] P(accepted) per calibration bucket.
+        """
+        n = len(self.tokens)
+        if n == 0:
+            z = np.zeros(0, np.int64)
+            return z, z, np.zeros(0), np.zeros((0, N_SOURCES), np.int64)
+        buckets = np.asarray(self.buckets, np.int64)  # [n, N_SOURCES]
+        per_source = np.where(buckets >= 0, estimates[np.maximum(buckets, 0)], 0.0)
+        probs = per_source.max(axis=1)
+        parents = np.asarray(self.parents, np.int64)
+        for i in range(n):  # parents precede children in creation order
+            if parents[i] >= 0 and probs[i] > probs[parents[i]]:
+                probs[i] = probs[parents[i]]
+        order = np.argsort(-probs, kind="stable")  # ties keep creation order: parents first
+        new_index = np.empty(n, np.int64)
+        new_index[order] = np.arange(n)
+        old_parents = parents[order]
+        new_parents = np.where(old_parents >= 0, new_index[np.maximum(old_parents, 0)], -1)
+        return np.asarray(self.tokens, np.int64)[order], new_parents, probs[order], buckets[order]
+
+
+class BestFirstConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_nodes: int = Field(32, ge=0, le=1024, description="Nodes expanded per step (the budget keeps a prefix).")
+    max_depth: int = Field(8, ge=1, le=64, description="Deepest node below the pending token.")
+    branch: int = Field(4, ge=1, le=64, description="Successors considered per node.")
+    min_prob: float = Field(1e-3, ge=0.0, le=1.0, description="Paths less probable than this are not drafted.")
+
+
+def best_first_paths(lookup: Lookup, a: int, b: int, config: BestFirstConfig) -> list[tuple[int, int, float]]:
+    """The ``max_nodes`` most probable paths under the n-gram model below the state ``(a, b)``.
+
+    Returns nodes ``(parent, token, path_prob)`` in pop order (parents first). Expected accepted length
+    is the sum of path probabilities, so the most probable nodes are the best tree for a node count
+    if the model is right; a heap over the frontier finds them with one lookup per node.
+    """
+    nodes: list[tuple[int, int, float]] = []
+    heap: list[tuple[float, int, int, int, int]] = []  # (-prob, tiebreak, parent, prev token, token)
+    tick = 0
+    ids, probs = lookup(a, b)
+    for c, p in zip(ids[: config.branch], probs[: config.branch]):
+        if p >= config.min_prob:
+            heap.append((-p, tick, -1, b, c))
+            tick += 1
+    heapq.heapify(heap)
+    depth: list[int] = []
+    while heap and len(nodes) < config.max_nodes:
+        neg, _, parent, prev, tok = heapq.heappop(heap)
+        idx = len(nodes)
+        nodes.append((parent, tok, -neg))
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        if depth[idx] >= config.max_depth:
+            continue
+        ids, probs = lookup(prev, tok)
+        for c, p in zip(ids[: config.branch], probs[: config.branch]):
+            q = -neg * p
+            if q >= config.min_prob:
+                heapq.heappush(heap, (-q, tick, idx, tok, c))
+                tick += 1
+    return nodes
