@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from actors.models import LoadedModel, load_model
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads make every
+# forward several times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

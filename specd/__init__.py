@@ -1,0 +1,1 @@
+"""User-facing tools: the `specd` CLI, benchmarks, and (later) the client library."""

@@ -1,0 +1,216 @@
+"""The ``specd`` command line. Errors are one-line messages (exit 2), never tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from actors.models import DEFAULT_MODEL
+
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as a message."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        return _fail(f"invalid parameters: {errors}")
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"specd: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specd", description="Speculative decoding: generate, profile, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with the embedded engine")
+    g.add_argument("prompts", nargs="*", help="prompt texts (or use --prompts-file)")
+    g.add_argument("--prompts-file", type=Path, help="JSONL with a 'prompt' field per line, or plain text lines")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"target model name or path (default {DEFAULT_MODEL})")
+    g.add_argument("--draft-model", help="auxiliary draft model for sd/mtad (same tokenizer)")
+    g.add_argument("--method", default="ar", help="ar | sd | aded | mtad (default ar)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--gamma", type=int, default=4, help="draft length for sd (default 4)")
+    g.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: on when the model has one)")
+    g.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
+    g.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("profile", help="measure verify-forward latency for k = 1..64 tokens")
+    pr.add_argument("--model", default=DEFAULT_MODEL)
+    pr.add_argument("--out", type=Path, help="JSON output (default: the model's profile in the specd cache)")
+    pr.add_argument("--repeats", type=int, default=5)
+    pr.add_argument("--context-lengths", type=_int_list, default=None, help="e.g. 64,256,512")
+    pr.add_argument("--k", type=_int_list, default=None, help="e.g. 1,2,4,8,16,32,64")
+    pr.set_defaults(func=cmd_profile)
+
+    m = sub.add_parser("models", help="list or fetch models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="known model names and whether they are cached").set_defaults(func=cmd_models_list)
+    f = msub.add_parser("fetch", help="download and convert a model into the cache")
+    f.add_argument("name")
+    f.set_defaults(func=cmd_models_fetch)
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values) or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError("expected increasing positive integers")
+    return values
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += load_prompts_file(args.prompts_file)
+    if not prompts:
+        raise UsageError("no prompt given: pass prompt text or --prompts-file")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt")
+    return prompts
+
+
+def load_prompts_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UsageError(f"prompts file not found: {path}")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not (path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{"))):
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise UsageError(f"{path}:{n}: expected an object with a string 'prompt' field")
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from actors.engine import Engine, EngineConfig
+    from actors.methods import METHODS, make_drafter
+    from actors.models import load_model
+    from actors.sampling import SamplingParams
+
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+    )
+    prompts = read_prompts(args)
+    target = load_model(args.model)
+    draft = load_model(args.draft_model) if args.draft_model else None
+    drafter = make_drafter(args.method, target, draft, gamma=args.gamma)
+    engine = Engine(target, EngineConfig(max_draft_tokens=args.max_draft_tokens))
+    chat = target.is_chat if args.chat is None else args.chat
+    if chat and not target.is_chat:
+        raise UsageError(f"{target.name} has no chat template; use --no-chat")
+    for prompt in prompts:
+        ids = encode_prompt(target.tokenizer, prompt, chat)
+        result = _run_one(engine, ids, params, drafter, stream=args.stream and not args.json)
+        stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method][0]}
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                              "finish_reason": result.finish_reason, "stats": stats}), flush=True)
+        else:
+            if not args.stream:
+                print(result.text, flush=True)
+            print(_summary(stats), file=sys.stderr, flush=True)
+    return 0
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _run_one(engine, ids, params, drafter, stream: bool):
+    if not stream:
+        return engine.run(ids, params, drafter)
+    from actors.engine import Generation
+
+    tokens, text, reason, stats = [], [], "length", None
+    for out in engine.generate(ids, params, drafter):
+        print(out.text, end="", flush=True)
+        tokens += out.token_ids
+        text.append(out.text)
+        reason, stats = out.finish_reason or reason, out.stats
+    print(flush=True)
+    return Generation(tokens, "".join(text), reason, stats)
+
+
+def _summary(s: dict) -> str:
+    return (f"[{s['method']}] {s['new_tokens']} tokens in {s['seconds']:.2f} s: {s['tokens_per_second']:.1f} tok/s, "
+            f"{s['tokens_per_forward']:.2f} tokens/forward, {s['target_forwards']} target forwards"
+            + ("" if s["lossless"] else " (approximate method: not the target's exact distribution)"))
+
+
+def cmd_profile(args) -> int:
+    from actors.models import load_model
+    from actors.profile import DEFAULT_CONTEXTS, DEFAULT_K, measure_verify_cost, profile_path
+
+    target = load_model(args.model)
+    result = measure_verify_cost(
+        target, args.k or DEFAULT_K, args.context_lengths or DEFAULT_CONTEXTS, repeats=args.repeats,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    out = args.out or profile_path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from actors.models import REGISTRY, list_models
+
+    for name, cached in list_models().items():
+        print(f"{name:20s} {'cached' if cached else 'not cached':11s} {REGISTRY[name].description}")
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from actors.models import fetch_model
+
+    path = fetch_model(args.name)
+    print(f"{args.name}: cached at {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

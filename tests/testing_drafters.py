@@ -1,0 +1,51 @@
+"""Drafters for engine tests: random trees, and an oracle that knows the answer (with noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.draft import Draft
+from actors.drafter import Feedback
+
+
+class TreeDrafter:
+    """Drafts random trees; with ``oracle`` (the expected continuation of the whole sequence) it hides the
+    right path, possibly behind wrong or duplicate siblings, so the engine must pick it out."""
+
+    target_topk = 0
+
+    def __init__(self, vocab: int, seed: int, oracle: list[int] | None = None, mode: str = "random",
+                 size: int = 8) -> None:
+        self.vocab, self.oracle, self.mode, self.size = vocab, oracle, mode, size
+        self.rng = np.random.default_rng(seed)
+        self.observed: list[Feedback] = []
+
+    def start(self, request_id, prompt_ids, params):
+        self.prompt_len = len(prompt_ids)
+
+    def propose(self, request_id, context, max_nodes):
+        n = min(self.size, max_nodes)
+        if self.mode == "random" or self.oracle is None:
+            parents = [int(self.rng.integers(-1, i)) for i in range(n)]
+            return Draft(self.rng.integers(0, self.vocab, n), parents)
+        pos = len(context) - self.prompt_len  # output tokens committed so far, the pending one included
+        right = self.oracle[pos : pos + n]
+        if self.mode == "chain":
+            return Draft.chain(right)
+        # "tree": each level has a wrong sibling first (sometimes a duplicate of the right token), then the
+        # right node, whose children continue; leaves are cut at n nodes.
+        tokens, parents, parent = [], [], -1
+        for t in right:
+            if len(tokens) + 2 > n:
+                break
+            wrong = t if self.rng.random() < 0.3 else int((t + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)
+            tokens += [wrong, t]
+            parents += [parent, parent]
+            parent = len(tokens) - 1
+        return Draft(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64))
+
+    def observe(self, request_id, feedback):
+        self.observed.append(feedback)
+
+    def finish(self, request_id):
+        pass
