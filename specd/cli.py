@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--k", type=_int_list, default=None, help="e.g. 1,2,4,8,16,32,64")
     pr.set_defaults(func=cmd_profile)
 
+    b = sub.add_parser("bench", help="benchmark methods side by side (JSON, markdown, PNG)")
+    b.add_argument("--suite", default="all", choices=["all", "mtbench", "humaneval", "mtad"],
+                   help="mtbench / humaneval / all: ADED vs AR vs HF; mtad: MTAD vs SD on the Qwen pair")
+    b.add_argument("--model", default=None, help="target (default: smollm2-135m; qwen2.5-coder-1.5b for mtad)")
+    b.add_argument("--draft-model", default=None, help="auxiliary model (mtad suite; default qwen2.5-coder-0.5b)")
+    b.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
+    b.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    b.add_argument("--offset", type=int, default=0, help="skip the first N prompts of each set")
+    b.add_argument("--max-new-tokens", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    b.set_defaults(func=cmd_bench)
+
     m = sub.add_parser("models", help="list or fetch models")
     msub = m.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="known model names and whether they are cached").set_defaults(func=cmd_models_list)
@@ -194,6 +207,18 @@ def cmd_profile(args) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def cmd_bench(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    if args.suite == "mtad":
+        from specd.bench_mtad import cmd_bench_mtad
+
+        return cmd_bench_mtad(args)
+    from specd.bench_aded import cmd_bench_aded
+
+    return cmd_bench_aded(args)
 
 
 def cmd_models_list(args) -> int:
