@@ -13,6 +13,7 @@ and depth) is bucketed, and each bucket's acceptance rate is learned online from
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -68,7 +69,7 @@ class Calibrator:
 
     def conf_bucket(self, source: int, conf: float) -> int:
         """Bucket of a confidence in (0, 1] for the NGRAM or MCTS source (half-octave bins)."""
-        b = int(-2.0 * np.log2(max(conf, 1e-30))) if conf < 1.0 else 0
+        b = int(-2.0 * math.log2(max(conf, 1e-30))) if conf < 1.0 else 0
         return int(self.offsets[source]) + min(b, self.config.conf_bins - 1)
 
     def suffix_bucket(self, match_len: int, depth: int) -> int:

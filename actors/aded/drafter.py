@@ -59,6 +59,7 @@ class _Request:
     greedy: bool
     folded: int  # context tokens whose tri-grams (ending there) are already in the store
     pending_state: tuple[int, int] = (-1, -1)  # (context[-2], context[-1]) of the last proposal
+    last_draft: Draft | None = None  # feedback about any other draft (e.g. the engine's empty one) is not ours
 
 
 class AdedDrafter:
@@ -93,15 +94,17 @@ class AdedDrafter:
         tokens, parents, probs, buckets = trie.ranked(calibrator.estimates())
         cap = min(max_nodes, self.config.budget.max_nodes)
         n = choose_budget(probs[:cap], self.costs.relative(len(ctx)), self.config.budget.min_gain)
-        return Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
+        draft = Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
+        state.last_draft = draft
+        return draft
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         state = self._requests.get(request_id)
-        if state is None:
+        if state is None or feedback.draft is not state.last_draft:
             return
         draft = feedback.draft
-        buckets = draft.info.get("buckets")
-        if buckets is not None and len(buckets) == len(draft):
+        buckets = draft.info["buckets"]
+        if len(draft):
             accepted = np.zeros(len(draft), bool)
             accepted[list(feedback.accepted_nodes)] = True
             per_source = np.repeat(accepted, buckets.shape[1])

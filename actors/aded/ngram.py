@@ -28,6 +28,7 @@ class NGramConfig(BaseModel):
     pair_alpha: float = Field(1.0, ge=0.0, description="Pseudo-count shrinking corpus pairs with little evidence.")
     backoff: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the bigram row when the pair is unseen.")
     max_successors: int = Field(12, ge=1, le=64, description="Successors kept per bigram state after combining.")
+    cache_size: int = Field(200_000, ge=0, description="Combined rows cached across steps (cleared when full).")
 
 
 class AdaptConfig(BaseModel):
@@ -48,9 +49,23 @@ class NGramModel:
         self.matrix = matrix
         self.store = store
         self.config = config
+        # (a, b) -> (the store's row it was combined with, result). Stores replace a row on every change
+        # (copy-on-write), so an identical row object means the cached combination is still right.
+        self._cache: dict[tuple[int, int], tuple[dict, tuple[list[int], list[float]]]] = {}
 
     def successors(self, a: int, b: int) -> tuple[list[int], list[float]]:
         """Successor ids after ``(a, b)`` and their probabilities, most probable first."""
+        adaptive = self.store.successors(a, b)
+        hit = self._cache.get((a, b))
+        if hit is not None and hit[0] is adaptive:
+            return hit[1]
+        if len(self._cache) >= self.config.cache_size:
+            self._cache.clear()
+        result = self._combine(a, b, adaptive)
+        self._cache[(a, b)] = (adaptive, result)
+        return result
+
+    def _combine(self, a: int, b: int, adaptive: dict[int, float]) -> tuple[list[int], list[float]]:
         i = self.matrix.pair_index(a, b)
         if i >= 0:
             ids, probs = self.matrix.pair_row(i)
@@ -59,7 +74,6 @@ class NGramModel:
         else:
             ids, probs = self.matrix.bigram_successors(b)
             scale = self.config.backoff
-        adaptive = self.store.successors(a, b)
         k = self.config.max_successors
         if not adaptive:
             return ids[:k].tolist(), (probs[:k] * scale).tolist()
