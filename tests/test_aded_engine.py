@@ -1,0 +1,89 @@
+"""ADED through the real decode engine on a tiny model: greedy identity and the sampled distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+engine_mod = pytest.importorskip("actors.engine")
+models = pytest.importorskip("actors.models")
+
+from actors.aded.drafter import AdedConfig, AdedDrafter  # noqa: E402
+from actors.aded.simulator import smollm2_cpu_cost  # noqa: E402
+from actors.aded.trigram import build_matrix  # noqa: E402
+from actors.cost import CostModel  # noqa: E402
+from actors.drafter import NoDrafter  # noqa: E402
+from actors.sampling import SamplingParams, warp  # noqa: E402
+from shared_state import MemoryStore, StoreConfig  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return models.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def engine(target):
+    return engine_mod.Engine(target)
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, int(rng.integers(2, 30))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def matrix(engine):
+    """A matrix of the tiny target's own greedy outputs on other prompts: drafts are often right."""
+    outs = [engine.run(p, GREEDY, NoDrafter()).token_ids for p in _prompts(12, seed=100)]
+    return build_matrix([np.array(o) for o in outs], 259, progress=False)
+
+
+@pytest.mark.parametrize("search,cost", [("best_first", "cpu"), ("best_first", "flat"), ("mcts", "flat")])
+def test_greedy_identity(engine, matrix, search, cost):
+    costs = smollm2_cpu_cost() if cost == "cpu" else CostModel.flat()
+    config = AdedConfig(search=search, mcts={"simulations": 30})
+    drafter = AdedDrafter(matrix, MemoryStore(StoreConfig(namespace="tiny")), config, costs)
+    drafted = forwards = tokens = 0
+    for prompt in _prompts(10, seed=7):
+        ar = engine.run(prompt, GREEDY, NoDrafter())
+        spec = engine.run(prompt, GREEDY, drafter)
+        assert spec.token_ids == ar.token_ids
+        drafted += spec.stats.drafted_tokens
+        forwards += spec.stats.target_forwards
+        tokens += len(spec.token_ids)
+    assert drafted > 0
+    assert tokens / forwards > 1.2  # the target's own n-grams and repeats are found
+
+
+def test_sampled_output_has_target_distribution(engine, target, matrix):
+    from scipy.stats import chisquare
+
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, ignore_eos=True)
+    prompt = [5, 17, 99]
+    with torch.inference_mode():
+        p0 = warp(target.model(torch.tensor([prompt])).logits[0, -1], params)
+        cells, expected = [], []
+        for a in torch.nonzero(p0).flatten().tolist():
+            p1 = warp(target.model(torch.tensor([prompt + [a]])).logits[0, -1], params)
+            for b in torch.nonzero(p1).flatten().tolist():
+                cells.append((a, b))
+                expected.append(float(p0[a] * p1[b]))
+    # Teach the store the likeliest continuation so drafts are non-empty and often (not always) right.
+    store = MemoryStore(StoreConfig(namespace="tiny"))
+    a0 = max(cells, key=lambda c: expected[cells.index(c)])
+    store.add([(prompt[-2], prompt[-1], a0[0], 3.0), (prompt[-1], a0[0], a0[1], 3.0)])
+    drafter = AdedDrafter(matrix, store, AdedConfig(adapt={"verified_delta": 0.0, "topk_weights": ()}),
+                          CostModel.flat())
+    n, pairs, drafted = 2000, [], 0
+    for s in range(n):
+        out = engine.run(prompt, params.model_copy(update={"seed": s}), drafter)
+        pairs.append(tuple(out.token_ids[:2]))
+        drafted += out.stats.drafted_tokens
+    assert drafted > 0
+    observed = [pairs.count(c) for c in cells]
+    assert sum(observed) == n
+    assert chisquare(observed, np.array(expected) * n).pvalue > 1e-3
