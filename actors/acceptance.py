@@ -138,3 +138,63 @@ def _check_rows(draft: Draft, rows: int) -> None:
 def _result(draft: Draft, nodes: list[int], bonus: int) -> Acceptance:
     tokens = draft.tokens[np.asarray(nodes, np.int64)].tolist()
     return Acceptance(list(nodes), tokens + [int(bonus)])
+
+
+# --- MTAD (approximate by design: NOT the target's distribution) ---------------------------------------------
+# MTAD judges a drafted prefix by its joint likelihood ratio instead of token by token. Both rules are
+# deterministic given the draft; only the bonus token is random. ``logp`` rows are log warp(target logits) (the
+# same temperature / top-k / top-p as the drafter's q), ``logq`` the drafter's log q of each drafted token.
+
+
+def accept_mtad(
+    tokens: Sequence[int] | np.ndarray,
+    logq: Sequence[float] | np.ndarray,
+    logp: torch.Tensor,
+    tau: float,
+    generator: torch.Generator | None,
+) -> Acceptance:
+    """MTAD's chain rule: the longest prefix whose joint ratio passes, then one token sampled from the target.
+
+    ``tokens``: [n]; ``logq``: [n]; ``logp``: [n + 1, V]. Accepts ``acc = max{d : sum_{i<=d} log p(x_i) -
+    log q(x_i) > log tau}`` (0 when none passes); shorter prefixes need not pass. The bonus is a plain draw from
+    ``p`` at row ``acc`` (no residual: this is why the output is biased toward high joint likelihood). With
+    one-hot ``p`` and ``q`` (temperature 0) and ``tau < 1`` it is exactly :func:`accept_greedy` on the chain.
+    """
+    return accept_mmtad(Draft.chain(tokens), logp, logq, tau, generator)
+
+
+def accept_mmtad(
+    draft: Draft,
+    logp: torch.Tensor,
+    logq: Sequence[float] | np.ndarray,
+    tau: float,
+    generator: torch.Generator | None,
+) -> Acceptance:
+    """MMTAD's tree rule: at the deepest depth where any node's path passes, the path the target likes best.
+
+    ``logp``: [1 + n, V] (row 0 the pending token, row i + 1 node i); ``logq``: [n] per node. A node passes when
+    its root-to-node sum of ``log p - log q`` exceeds ``log tau``; among the passing nodes of the deepest depth
+    the one with the highest target log-probability of its path wins (first in index order on ties). The bonus
+    is drawn from ``p`` at the winner's row (row 0 when nothing passes). On a chain this is :func:`accept_mtad`.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_rows(draft, logp.shape[0])
+    logq = np.asarray(logq, np.float64).reshape(-1)
+    if len(logq) != len(draft):
+        raise ValueError(f"logq has {len(logq)} entries for {len(draft)} nodes")
+    rows, cols = torch.from_numpy(draft.parents + 1), torch.from_numpy(draft.tokens)
+    lp = logp[rows, cols].double().numpy()  # [n] log p of each node's token given its path
+    ratio, joint = np.zeros(len(draft)), np.zeros(len(draft))  # [n] path sums of log p - log q and of log p
+    for i, par in enumerate(draft.parents.tolist()):
+        ratio[i] = (ratio[par] if par >= 0 else 0.0) + lp[i] - logq[i]
+        joint[i] = (joint[par] if par >= 0 else 0.0) + lp[i]
+    with np.errstate(invalid="ignore"):
+        passing = ratio > np.log(tau)  # NaN (-inf - -inf) never passes
+    best = -1
+    if passing.any():
+        depths = draft.depths()
+        deepest = np.flatnonzero(passing & (depths == depths[passing].max()))
+        best = int(deepest[np.argmax(joint[deepest])])
+    bonus = torch.multinomial(logp[best + 1].exp(), 1, generator=generator)
+    return _result(draft, draft.path_to(best), int(bonus))
