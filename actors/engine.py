@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.acceptance import Acceptance, accept_greedy, accept_tree_sampled
+from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
 from actors.detok import Detokenizer, find_stop
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
@@ -124,7 +124,7 @@ class Engine:
         seq = self.verifier.start(prompt)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         drafter.start(rid, prompt, params)
-        stats = GenerationStats(prompt_tokens=len(prompt))
+        stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")
         gen = torch.Generator().manual_seed(seed)
         return _Request(rid, params, drafter, seq, gen, Detokenizer(self.target.tokenizer), stats)
 
@@ -153,9 +153,15 @@ class Engine:
 
     @staticmethod
     def _accept(req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
-        if req.params.greedy:
+        if req.params.greedy:  # also MTAD's rule at temperature 0 (one-hot p and q, tau < 1)
             return accept_greedy(draft, logits.argmax(-1))
-        return accept_tree_sampled(draft, warp(logits, req.params), req.generator)
+        p = warp(logits, req.params)
+        rule, logq = _rule(req.drafter), draft.info.get("logq", ())  # [n] the drafter's log q per node
+        if rule == "mtad":
+            return accept_mtad(draft.tokens, logq, p.log(), req.drafter.tau, req.generator)
+        if rule == "mmtad":
+            return accept_mmtad(draft, p.log(), logq, req.drafter.tau, req.generator)
+        return accept_tree_sampled(draft, p, req.generator)
 
     @staticmethod
     def _count(stats: GenerationStats, draft: Draft, acc: Acceptance) -> None:
@@ -195,3 +201,8 @@ class Engine:
         delta, req.sent = detok.text[req.sent : end], end
         req.stats.new_tokens = len(req.output)
         return StepOutput(emitted, delta, reason, req.stats)
+
+
+def _rule(drafter: Drafter) -> str:
+    """The drafter's acceptance rule: "exact" (lossless) unless it names an approximate one ("mtad", "mmtad")."""
+    return getattr(drafter, "acceptance", "exact")
