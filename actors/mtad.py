@@ -1,0 +1,210 @@
+"""MTAD: multi-token joint drafting with an auxiliary model (Qin et al., arXiv 2407.09722). APPROXIMATE.
+
+A small model of the target's tokenizer drafts ``gamma`` tokens by **beam sampling** with width ``w``:
+step 1 samples ``w`` distinct tokens from ``q``; each later step samples ``w`` distinct (beam, token) pairs
+from the flattened joint ``exp(log w_beam + log q(token | beam))``, where ``log w_beam`` is the beam's summed
+log q (log-weights, not the authors' first softmax-over-probabilities version). Sampling is *without*
+replacement (Gumbel top-k), so beams never duplicate; ``q`` is ``warp`` of the draft's logits, the same
+temperature / top-k / top-p as the target's ``p``. All ``w`` beams of a depth are evaluated in ONE draft
+forward, as a tree (each beam attends to the context and its own ancestors).
+
+* ``mtad`` keeps the highest-weight beam as a chain; the engine accepts it with
+  :func:`actors.acceptance.accept_mtad` (the longest prefix whose joint ratio ``p/q`` exceeds ``tau``).
+* ``mmtad`` keeps all ``w`` final beams as a tree (shared prefixes are shared nodes), verified in one target
+  forward and accepted with :func:`actors.acceptance.accept_mmtad`.
+
+Not lossless by design: the output leans toward sequences of high joint likelihood (lower perplexity) and is
+NOT distributed as the target's; every response says so (``lossless: false``). At temperature 0 ``q`` is a
+one-hot, beam sampling degenerates to the draft's greedy chain and the engine uses the greedy rule, which is
+what MTAD's rule reduces to for ``tau < 1``: the output is then identical to plain greedy decoding.
+
+Each drafted node's ``log q`` travels in ``Draft.info["logq"]`` ([n] float64), the rule's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from actors.draft import Draft
+from actors.drafter import Feedback
+from actors.kv import KVSequence
+from actors.sampling import SamplingParams, warp
+from actors.sd import sync_to_context
+
+
+@dataclass
+class BeamTree:
+    """Every (beam, token) pair sampled during one draft, in sampling order (parents precede children)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1: child of the pending token
+    logq: list[float] = field(default_factory=list)  # log q(token | its path)
+    weights: list[float] = field(default_factory=list)  # log weight of the beam ending here: its path's summed log q
+    depths: list[int] = field(default_factory=list)
+    beams: list[int] = field(default_factory=list)  # the surviving beams (nodes at the last depth)
+
+    def path(self, node: int) -> list[int]:
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def best_chain(self) -> list[int]:
+        """Nodes of the highest-weight surviving beam, root to leaf (MTAD's draft)."""
+        return self.path(max(self.beams, key=lambda b: self.weights[b])) if self.beams else []
+
+    def all_beams(self) -> list[int]:
+        """The union of the surviving beams' paths, in node order (MMTAD's draft tree)."""
+        return sorted({n for b in self.beams for n in self.path(b)})
+
+
+#: (tree so far, nodes to expand) -> [len(nodes), V] log q of each node's next token
+Expand = Callable[[BeamTree, list[int]], torch.Tensor]
+
+
+def beam_sample(first_logq: torch.Tensor, expand: Expand, gamma: int, width: int,
+                generator: torch.Generator | None) -> BeamTree:
+    """Beam sampling over ``gamma`` depths; ``first_logq``: [V] log q at the pending token.
+
+    Fewer than ``width`` beams survive when fewer candidates have q > 0 (top-k, temperature 0).
+    """
+    tree = BeamTree()
+    logq = first_logq[None]  # [beams, V]
+    for depth in range(1, gamma + 1):
+        if depth > 1:
+            logq = expand(tree, tree.beams)
+        prior = torch.tensor([tree.weights[b] for b in tree.beams] if depth > 1 else [0.0], dtype=torch.float64)
+        joint = (prior[:, None] + logq.double()).flatten()  # [beams * V] log of the unnormalised joint
+        picks = _gumbel_top_k(joint, width, generator)
+        vocab = logq.shape[-1]
+        beams = []
+        for flat in picks:
+            row, token = divmod(flat, vocab)
+            tree.tokens.append(token)
+            tree.parents.append(tree.beams[row] if depth > 1 else -1)
+            tree.logq.append(float(logq[row, token]))
+            tree.weights.append(float(joint[flat]))
+            tree.depths.append(depth)
+            beams.append(len(tree.tokens) - 1)
+        tree.beams = beams
+    return tree
+
+
+def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
+    """k distinct indices drawn sequentially without replacement from softmax(logits); fewer if fewer are finite."""
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    keys = logits - torch.log(-torch.log(u))
+    k = min(k, int(torch.isfinite(logits).sum()))
+    return torch.topk(keys, k).indices.tolist()
+
+
+def log_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., V] log of :func:`warp` (-inf where filtered out)."""
+    return warp(logits, params).log()
+
+
+def forward_tree_nodes(kv: KVSequence, base: int, tree: BeamTree, nodes: list[int], slots: dict[int, int]) -> torch.Tensor:
+    """One forward of tree ``nodes`` (all of one depth) after ``kv``; returns their logits [len(nodes), V].
+
+    ``base``: cache length of the context (the pending token included); ``slots``: node -> cache index of the
+    nodes already fed, updated with the new ones. Each node attends to the context, its ancestors and itself,
+    at position base + depth - 1.
+    """
+    start, n = len(kv), len(nodes)
+    allowed = torch.zeros(n, start + n, dtype=torch.bool)  # [n, kv]
+    allowed[:, :base] = True
+    for r, node in enumerate(nodes):
+        allowed[r, [slots[a] for a in tree.path(node)[:-1]]] = True
+        allowed[r, start + r] = True
+    dtype = kv.model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    ids = [tree.tokens[v] for v in nodes]
+    positions = torch.tensor([[base + tree.depths[v] - 1 for v in nodes]])
+    with torch.inference_mode():
+        out = kv.model(input_ids=torch.tensor([ids]), position_ids=positions, attention_mask=mask[None, None],
+                       past_key_values=kv.cache, use_cache=True)
+    kv.cached_ids.extend(ids)
+    slots.update({v: start + r for r, v in enumerate(nodes)})
+    return out.logits[0]
+
+
+@dataclass
+class _Pending:
+    base: int  # draft cache length of the context
+    nodes: list[int]  # draft node index -> BeamTree node
+    slots: dict[int, int]  # BeamTree node -> cache index, for the nodes fed to the draft model
+
+
+@dataclass
+class _State:
+    kv: KVSequence
+    params: SamplingParams
+    generator: torch.Generator
+    pending: _Pending | None = None  # the last draft, until observe() compacts the cache to its accepted path
+
+
+class MtadDrafter:
+    """MTAD (``keep_all_beams=False``: best beam, a chain) or MMTAD (all beams, a tree). Approximate.
+
+    ``gamma``: draft depth; ``beam_width``: beams per depth; ``tau``: the joint-ratio threshold of the acceptance
+    rule (larger accepts less; ``inf`` accepts nothing and the engine then samples plainly from the target).
+    """
+
+    target_topk = 0
+
+    def __init__(self, model: PreTrainedModel, gamma: int = 4, beam_width: int = 4, tau: float = 0.5,
+                 keep_all_beams: bool = False) -> None:
+        if gamma < 1 or beam_width < 1:
+            raise ValueError("gamma and beam_width must be >= 1")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.model, self.gamma, self.beam_width, self.tau = model, gamma, beam_width, tau
+        self.keep_all_beams = keep_all_beams
+        self.acceptance = "mmtad" if keep_all_beams else "mtad"  # the engine's rule for these drafts
+        self._requests: dict[str, _State] = {}
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        seed = (params.seed if params.seed is not None else int(torch.seed())) + 1  # not the target's stream
+        gen = torch.Generator().manual_seed(seed % (1 << 63))
+        self._requests[request_id] = _State(KVSequence(self.model), params, gen)
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        st = self._requests[request_id]
+        if st.pending is not None:  # a draft that was never observed: drop its tree entries
+            st.kv.crop(st.pending.base)
+        logits = sync_to_context(st.kv, context)
+        base, slots = len(st.kv), {}
+        gamma = min(self.gamma, max_nodes)
+        if gamma < 1:
+            st.pending = None
+            return Draft.empty()
+
+        def expand(tree: BeamTree, nodes: list[int]) -> torch.Tensor:
+            return log_warp(forward_tree_nodes(st.kv, base, tree, nodes, slots), st.params)
+
+        tree = beam_sample(log_warp(logits, st.params), expand, gamma, self.beam_width, st.generator)
+        nodes = (tree.all_beams() if self.keep_all_beams else tree.best_chain())[:max_nodes]
+        index = {v: i for i, v in enumerate(nodes)}
+        parents = [index.get(tree.parents[v], -1) for v in nodes]
+        st.pending = _Pending(base, nodes, slots)
+        info = {"logq": np.array([tree.logq[v] for v in nodes]), "beam_weight": np.array([tree.weights[v] for v in nodes])}
+        return Draft(np.array([tree.tokens[v] for v in nodes], np.int64), np.array(parents, np.int64), info=info)
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        """Keep only the accepted path's entries in the draft cache (exact: they sit at their depth's positions)."""
+        st = self._requests[request_id]
+        pending, st.pending = st.pending, None
+        if pending is None:
+            return
+        fed = [pending.slots[v] - pending.base for v in (pending.nodes[i] for i in feedback.accepted_nodes)
+               if v in pending.slots]
+        st.kv.keep_path(pending.base, fed)
+
+    def finish(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
