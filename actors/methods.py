@@ -16,6 +16,7 @@ METHODS: dict[str, tuple[bool, str]] = {
     "sd": (True, "standard speculative decoding with an auxiliary draft model (lossless)"),
     "aded": (True, "ADED: adaptive tri-gram matrix + MCTS draft trees, no draft model (lossless)"),
     "mtad": (False, "MTAD: auxiliary-model multi-token joint decoding (APPROXIMATE by design)"),
+    "mmtad": (False, "MMTAD: MTAD keeping all beams as a draft tree (APPROXIMATE by design)"),
 }
 
 
@@ -31,6 +32,14 @@ def make_drafter(method: str, target: LoadedModel, draft: LoadedModel | None = N
         from actors.sd import ModelDrafter
 
         return ModelDrafter(draft.model, gamma=options.get("gamma", 4))
+    if method in ("mtad", "mmtad"):
+        if draft is None:
+            raise MethodUnavailable(f"method {method!r} needs a draft model (--draft-model)")
+        check_same_tokenizer(target, draft)
+        from actors.mtad import MtadDrafter
+
+        return MtadDrafter(draft.model, gamma=options.get("gamma", 4), beam_width=options.get("beam_width", 4),
+                           tau=options.get("tau", 0.5), keep_all_beams=method == "mmtad")
     raise MethodUnavailable(f"method {method!r} is not available yet")
 
 
