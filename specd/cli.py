@@ -45,15 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="*", help="prompt texts (or use --prompts-file)")
     g.add_argument("--prompts-file", type=Path, help="JSONL with a 'prompt' field per line, or plain text lines")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"target model name or path (default {DEFAULT_MODEL})")
-    g.add_argument("--draft-model", help="auxiliary draft model for sd/mtad (same tokenizer)")
-    g.add_argument("--method", default="ar", help="ar | sd | aded | mtad (default ar)")
+    g.add_argument("--draft-model", help="auxiliary draft model for sd/mtad/mmtad (same tokenizer)")
+    g.add_argument("--method", default="ar",
+                   help="ar | sd | aded | mtad | mmtad (default ar); mtad/mmtad are APPROXIMATE: lower perplexity, "
+                        "not the target's exact distribution (their stats say lossless: false)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--gamma", type=int, default=4, help="draft length for sd (default 4)")
+    g.add_argument("--gamma", type=int, default=4, help="draft length for sd/mtad/mmtad (default 4)")
+    g.add_argument("--beam-width", type=int, default=4, help="mtad/mmtad: beams per draft depth (default 4)")
+    g.add_argument("--tau", type=float, default=0.5,
+                   help="mtad/mmtad: accept the longest prefix with joint p/q > tau (default 0.5; larger accepts less)")
     g.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: on when the model has one)")
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--offset", type=int, default=0, help="skip the first N prompts of each set")
     b.add_argument("--max-new-tokens", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--temperature", type=float, action="append", default=None,
+                   help="mtad suite: sampling temperature, repeatable (default 1.0)")
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     b.set_defaults(func=cmd_bench)
 
@@ -145,7 +152,7 @@ def cmd_generate(args) -> int:
     prompts = read_prompts(args)
     target = load_model(args.model)
     draft = load_model(args.draft_model) if args.draft_model else None
-    drafter = make_drafter(args.method, target, draft, gamma=args.gamma)
+    drafter = make_drafter(args.method, target, draft, gamma=args.gamma, beam_width=args.beam_width, tau=args.tau)
     engine = Engine(target, EngineConfig(max_draft_tokens=args.max_draft_tokens))
     chat = target.is_chat if args.chat is None else args.chat
     if chat and not target.is_chat:
