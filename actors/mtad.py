@@ -59,9 +59,17 @@ class BeamTree:
         """Nodes of the highest-weight surviving beam, root to leaf (MTAD's draft)."""
         return self.path(max(self.beams, key=lambda b: self.weights[b])) if self.beams else []
 
-    def all_beams(self) -> list[int]:
-        """The union of the surviving beams' paths, in node order (MMTAD's draft tree)."""
-        return sorted({n for b in self.beams for n in self.path(b)})
+    def all_beams(self, budget: int) -> list[int]:
+        """The union of the surviving beams' paths, in node order (MMTAD's draft tree), at most ``budget`` nodes.
+
+        Beams join best weight first and only whole, so a tight budget (>= the depth) still keeps the best beam.
+        """
+        keep: set[int] = set()
+        for b in sorted(self.beams, key=lambda b: -self.weights[b]):
+            path = keep.union(self.path(b))
+            if len(path) <= budget:
+                keep = path
+        return sorted(keep)
 
 
 #: (tree so far, nodes to expand) -> [len(nodes), V] log q of each node's next token
@@ -189,7 +197,7 @@ class MtadDrafter:
             return log_warp(forward_tree_nodes(st.kv, base, tree, nodes, slots), st.params)
 
         tree = beam_sample(log_warp(logits, st.params), expand, gamma, self.beam_width, st.generator)
-        nodes = (tree.all_beams() if self.keep_all_beams else tree.best_chain())[:max_nodes]
+        nodes = tree.all_beams(max_nodes) if self.keep_all_beams else tree.best_chain()
         index = {v: i for i, v in enumerate(nodes)}
         parents = [index.get(tree.parents[v], -1) for v in nodes]
         st.pending = _Pending(base, nodes, slots)
