@@ -1,0 +1,31 @@
+"""The Serve application builder: ``build_app(args)`` turns a ServeConfig (as a dict) into the app.
+
+``serve run deploy.app:build_app`` and the rendered config (``specd serve --print-serve-config``) both
+land here, so the local server, ``serve run`` and KubeRay's serveConfigV2 build the same graph.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from deploy.config import DeploymentOptions, ServeConfig
+from deploy.ingress import Ingress
+from deploy.pool import DrafterPool
+from deploy.verifier import VerifierServer
+
+
+def build_app(args: dict) -> Application:
+    cfg = ServeConfig.model_validate(args)
+    conf = cfg.model_dump(mode="json")  # plain data: what replicas receive
+    trigram = aux = None
+    if cfg.trigram_placement == "remote":
+        trigram = _deployment(DrafterPool, "TrigramDrafter", cfg.trigram_drafter).bind(conf, "trigram")
+    if cfg.draft_model:
+        aux = _deployment(DrafterPool, "AuxDrafter", cfg.aux_drafter).bind(conf, "aux")
+    verifier = _deployment(VerifierServer, "Verifier", cfg.verifier).bind(conf, trigram, aux)
+    return _deployment(Ingress, "Ingress", cfg.ingress).bind(conf, verifier)
+
+
+def _deployment(cls, name: str, opts: DeploymentOptions):
+    return serve.deployment(cls, name=name).options(**opts.serve_options())

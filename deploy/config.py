@@ -1,0 +1,151 @@
+"""The serving configuration: one validated object from which both the local app and the plain
+``serve run`` / KubeRay ``serveConfigV2`` config are rendered (one source of truth).
+
+Pools are Ray resources: each drafter replica asks for ``draft_pool`` and each verifier replica for
+``verify_pool`` (custom resources locally; in production the same names label GPU worker groups, and
+``num_gpus`` is set per deployment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actors.models import DEFAULT_MODEL
+
+APP_IMPORT_PATH = "deploy.app:build_app"
+GRPC_SERVICERS = (
+    "specd.v1.specd_pb2_grpc.add_SpecdServicer_to_server",
+    # The standard health service through Serve's gRPC proxy: with a single application no
+    # `application` metadata is needed, so Kubernetes gRPC probes and load balancers can call it.
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+DRAFT_POOL, VERIFY_POOL = "draft_pool", "verify_pool"
+
+
+class DeploymentOptions(BaseModel):
+    """Placement and scaling of one deployment (rendered into Serve's deployment options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count; ignored when autoscaling_config is set.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve AutoscalingConfig (min_replicas, max_replicas, target_ongoing_requests, ...).")
+    max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests one replica accepts.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractional: this is a scheduling hint).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (production pools).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (the pool).")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _valid_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**v)  # raises on unknown keys or inconsistent bounds
+        return v
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword options for ``Deployment.options`` and the serve config's ``deployments`` entries."""
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  "resources": dict(self.resources)},
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ServeConfig(BaseModel):
+    """Everything `specd serve` and `serve run` need; the app builder takes exactly this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("specd", description="Serve application name (also the gRPC `application` metadata value).")
+    model: str = Field(DEFAULT_MODEL, description="Target model name or path (actors.models.load_model).")
+    draft_model: str | None = Field(None, description="Auxiliary draft model for sd/mtad/mmtad (same tokenizer).")
+    default_method: str = Field("aded", description="Method for requests that name none; 'ar' if it cannot run.")
+    trigram_methods: tuple[str, ...] = Field(("aded",), description="Model-free methods served by the tri-gram pool.")
+    aux_methods: tuple[str, ...] = Field(("sd", "mtad", "mmtad"), description="Methods served by the auxiliary pool.")
+    trigram_placement: Literal["remote", "colocated"] = Field(
+        "remote", description="Tri-gram drafter in its own deployment on the draft pool, or inside each verifier.")
+    drafter_affinity: bool = Field(
+        True, description="Route a request's draft steps to one drafter replica (Serve multiplexed ids).")
+    drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
+    drafter_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
+    redis_url: str | None = Field(None, description="Shared n-gram store; None = in-memory store per process.")
+    redis_url_env: str | None = Field(
+        None, description="Name of an environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
+    torch_threads: int = Field(2, ge=1, description="torch intra-op threads per model replica.")
+    http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")
+    grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC proxy port (specd.v1.Specd, grpc.health.v1).")
+    ingress: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.05, max_ongoing_requests=64),
+        description="The ingress (gRPC servicer + OpenAI HTTP): light, model-free.")
+    verifier: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.5, resources={VERIFY_POOL: 1}),
+        description="The target model and decode loop; a request stays on one replica (its KV cache).")
+    trigram_drafter: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=64, resources={DRAFT_POOL: 1}),
+        description="Tri-gram (ADED) drafter replicas on the draft pool.")
+    aux_drafter: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.2, max_ongoing_requests=32, resources={DRAFT_POOL: 1}),
+        description="Auxiliary draft-model replicas on the draft pool (only when draft_model is set).")
+
+    @property
+    def deployments(self) -> dict[str, DeploymentOptions]:
+        """Deployment name -> options, for the deployments this config actually runs."""
+        out = {"Ingress": self.ingress, "Verifier": self.verifier}
+        if self.trigram_placement == "remote":
+            out["TrigramDrafter"] = self.trigram_drafter
+        if self.draft_model:
+            out["AuxDrafter"] = self.aux_drafter
+        return out
+
+    def pool_sizes(self) -> dict[str, float]:
+        """Custom resources the deployments ask for at their largest scale (what a local node must offer)."""
+        need: dict[str, float] = {}
+        for opts in self.deployments.values():
+            replicas = (opts.autoscaling_config or {}).get("max_replicas", opts.num_replicas)
+            for name, amount in opts.resources.items():
+                need[name] = need.get(name, 0) + amount * replicas
+        return need
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """A YAML/JSON config file (or the defaults), with non-None ``overrides`` on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig.model_validate(data)
+
+
+def render_serve_config(cfg: ServeConfig) -> dict[str, Any]:
+    """The plain Serve config (`serve run`, KubeRay `serveConfigV2`) for ``cfg``; validates with ServeDeploySchema."""
+    deployments = [{"name": name, **opts.serve_options()} for name, opts in cfg.deployments.items()]
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http_host, "port": cfg.http_port},
+        "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)},
+        "applications": [{
+            "name": cfg.name,
+            "route_prefix": "/",
+            "import_path": APP_IMPORT_PATH,
+            "args": cfg.model_dump(mode="json"),
+            "deployments": deployments,
+        }],
+    }

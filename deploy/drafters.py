@@ -1,0 +1,172 @@
+"""Drafters in the serving layer: built from config, hosted on the draft pool, reached through a thin
+adapter that implements the ``actors.drafter.Drafter`` protocol over a Serve handle.
+
+One remote call per decode step: the adapter piggybacks the previous step's feedback on the next
+``propose`` (the engine always calls observe -> propose in that order), so a step costs one round trip.
+Each call carries the whole context, so a replica without the request's state (a restart, a scale-in,
+an LRU eviction, a routing miss) rebuilds it with ``start`` and goes on; affinity (Serve's multiplexed
+model id = request id) keeps that rare, which matters because rebuilding folds the prompt's tri-grams
+into the adaptive store a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from actors.draft import Draft
+from actors.drafter import Drafter, Feedback
+from actors.methods import MethodUnavailable, make_drafter
+from actors.models import LoadedModel
+from actors.sampling import SamplingParams
+from deploy.config import ServeConfig
+from deploy.convert import (draft_from_proto, draft_to_proto, feedback_from_proto, feedback_to_proto,
+                            params_from_step, params_to_sampling)
+from specd.v1 import specd_pb2 as pb
+
+log = logging.getLogger("specd.serve")
+
+
+def make_store(cfg: ServeConfig, target: LoadedModel):
+    """The adaptive n-gram store: Redis when a URL is configured, else in-process memory."""
+    from shared_state import MemoryStore, StoreConfig
+
+    config = StoreConfig(namespace=target.identity)
+    url = os.environ.get(cfg.redis_url_env) if cfg.redis_url_env else cfg.redis_url
+    if url:
+        from shared_state import RedisStore
+
+        return RedisStore(config, url)
+    return MemoryStore(config)
+
+
+def build_drafters(cfg: ServeConfig, methods: Sequence[str], target: LoadedModel,
+                   draft: LoadedModel | None) -> dict[str, Drafter]:
+    """Every method of ``methods`` that can run here; the others are logged and left out."""
+    store = make_store(cfg, target) if set(methods) & set(cfg.trigram_methods) else None
+    out: dict[str, Drafter] = {}
+    for method in methods:
+        options = dict(cfg.drafter_options.get(method, {}))
+        if method in cfg.trigram_methods:
+            options.setdefault("store", store)
+        try:
+            out[method] = make_drafter(method, target, draft, **options)
+        except MethodUnavailable as e:
+            log.warning("method %s not served: %s", method, e)
+    return out
+
+
+@dataclass
+class _Session:
+    last_draft: Draft | None = None  # the drafter recognises feedback by the identity of its own draft
+
+
+class DrafterHost:
+    """Runs drafters for many requests in one process (the body of a drafter-pool replica)."""
+
+    def __init__(self, drafters: dict[str, Drafter]) -> None:
+        self.drafters = drafters
+        self.sessions: dict[str, _Session] = {}
+        self.rebuilds = 0
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, int]:
+        """method -> the target top-k rows its observe wants."""
+        return {m: d.target_topk for m, d in self.drafters.items()}
+
+    def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
+        drafter = self.drafters[req.method]
+        rid = req.request_id
+        session = self.sessions.get(rid)
+        rebuilt = session is None
+        if rebuilt:
+            session = self._start(drafter, req)
+        elif req.HasField("feedback") and session.last_draft is not None:
+            drafter.observe(rid, feedback_from_proto(req.feedback, session.last_draft))
+        session.last_draft = drafter.propose(rid, np.asarray(req.context, np.int64), req.max_nodes)
+        return pb.DraftStepResponse(draft=draft_to_proto(session.last_draft), rebuilt=rebuilt)
+
+    def finish(self, request_id: str, method: str) -> None:
+        with self._lock:
+            if self.sessions.pop(request_id, None) is not None:
+                self.drafters[method].finish(request_id)
+
+    def _start(self, drafter: Drafter, req: pb.DraftStepRequest) -> _Session:
+        prompt = list(req.context[: max(1, req.prompt_len)])
+        drafter.start(req.request_id, prompt, params_from_step(req))
+        with self._lock:
+            self.rebuilds += req.prompt_len < len(req.context)  # a first step is a start, not a rebuild
+            return self.sessions.setdefault(req.request_id, _Session())
+
+
+@dataclass
+class _Remote:
+    prompt_len: int
+    params: SamplingParams
+    feedback: Feedback | None = None
+
+
+@dataclass
+class RemoteDrafter:
+    """``actors.drafter.Drafter`` over a drafter-pool handle; called from the engine's (non-async) thread."""
+
+    handle: Any  # DeploymentHandle of a DrafterPool deployment
+    method: str
+    target_topk: int
+    affinity: bool = True
+    _requests: dict[str, _Remote] = field(default_factory=dict)
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        self._requests[request_id] = _Remote(len(prompt_ids), params)  # the first propose carries it all
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        st = self._requests[request_id]
+        msg = pb.DraftStepRequest(
+            request_id=request_id, method=self.method, context=np.asarray(context).tolist(),
+            prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
+            max_new_tokens=st.params.max_new_tokens)
+        if st.feedback is not None:
+            msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
+            st.feedback = None
+        reply = self._handle(request_id).step.remote(msg.SerializeToString()).result()
+        return draft_from_proto(pb.DraftStepResponse.FromString(reply).draft)
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        self._requests[request_id].feedback = feedback
+
+    def finish(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            self._handle(request_id).finish.remote(request_id, self.method)  # fire and forget
+
+    def _handle(self, request_id: str):
+        return self.handle.options(multiplexed_model_id=request_id) if self.affinity else self.handle
+
+
+@dataclass
+class CappedDrafter:
+    """A per-request draft budget over a shared drafter: at most ``cap`` nodes per step."""
+
+    inner: Drafter
+    cap: int
+
+    @property
+    def target_topk(self) -> int:
+        return self.inner.target_topk
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        self.inner.start(request_id, prompt_ids, params)
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        n = min(max_nodes, self.cap)
+        return self.inner.propose(request_id, context, n) if n > 0 else Draft.empty()
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        self.inner.observe(request_id, feedback)
+
+    def finish(self, request_id: str) -> None:
+        self.inner.finish(request_id)

@@ -1,0 +1,163 @@
+"""The verifier deployment: the target model and the decode loop, on the verify pool.
+
+A request is one streaming call, so its KV cache lives on this replica from prefill to the last token.
+Each request's engine generator runs in a worker thread (the engine is synchronous and calls remote
+drafters with blocking handle calls, which Serve forbids on the event loop); outputs cross back to the
+event loop through a queue. Cancelling the stream sets a flag the thread checks after every step; the
+thread then closes the generator, whose ``finally`` finishes the drafter, and the sequence with its KV
+cache is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from actors.drafter import Drafter, NoDrafter
+from actors.engine import Engine, EngineConfig, StepOutput
+from actors.methods import METHODS
+from actors.models import load_model
+from deploy.config import ServeConfig
+from deploy.drafters import CappedDrafter, RemoteDrafter, build_drafters
+from deploy.metrics import verifier_metrics
+from deploy.request import GenerationRequest, RequestError
+
+_END = object()
+
+
+@dataclass
+class ServedChunk:
+    output: StepOutput  # the engine's step, stats copied at the time it was produced
+    method: str  # the method that actually decoded (after defaults and opt-outs)
+
+
+class VerifierServer:
+    async def __init__(self, config: dict, trigram=None, aux=None) -> None:
+        self.cfg = cfg = ServeConfig.model_validate(config)
+        torch.set_num_threads(cfg.torch_threads)
+        self.target = load_model(cfg.model)
+        self.engine = Engine(self.target, EngineConfig(max_draft_tokens=cfg.max_draft_tokens))
+        self.drafters: dict[str, Drafter] = {"ar": NoDrafter()}
+        if cfg.trigram_placement == "colocated":
+            self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
+        for handle in (trigram, aux):
+            if handle is not None:
+                for method, topk in (await handle.info.remote()).items():
+                    self.drafters[method] = RemoteDrafter(handle, method, topk, cfg.drafter_affinity)
+        self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
+        self.executor = ThreadPoolExecutor(cfg.verifier.max_ongoing_requests, thread_name_prefix="decode")
+        self.live: set[str] = set()  # requests whose sequence (and KV cache) is alive
+        self.metrics = verifier_metrics()
+
+    def describe(self) -> dict:
+        return {"model": self.cfg.model, "methods": sorted(self.drafters), "default_method": self.default_method,
+                "max_context": self.engine.verifier.max_context, "max_tokens_limit": self.cfg.max_tokens_limit}
+
+    def ping(self) -> bool:
+        return True
+
+    def live_requests(self) -> int:
+        return len(self.live)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
+        arrived = time.perf_counter()
+        ids, drafter, method = self._prepare(req)
+        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        self.live.add(req.request_id)
+        self.metrics.running.set(len(self.live))
+        self.executor.submit(self._drive, ids, req, drafter, method, lambda x: loop.call_soon_threadsafe(queue.put_nowait, x), stop)
+        last, prev = None, arrived
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                prev = self._observe(method, last, item, arrived, prev)
+                last = item
+                yield ServedChunk(item, method)
+        finally:
+            stop.set()  # a cancelled stream stops the thread after its current step
+
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], Drafter, str]:
+        """Validate against this model and pick the drafter; RequestError on a bad request."""
+        if req.model is not None and req.model != self.cfg.model:
+            raise RequestError(f"unknown model {req.model!r}; this server serves {self.cfg.model!r}")
+        method = req.method or self.default_method
+        if method not in METHODS:
+            raise RequestError(f"unknown method {method!r}; choose from {', '.join(sorted(self.drafters))}")
+        if method not in self.drafters:
+            raise RequestError(f"method {method!r} is not served here; choose from {', '.join(sorted(self.drafters))}")
+        if req.params.max_new_tokens > self.cfg.max_tokens_limit:
+            raise RequestError(f"max_tokens {req.params.max_new_tokens} is over this server's limit of "
+                               f"{self.cfg.max_tokens_limit}")
+        ids = self._encode(req)
+        limit = self.engine.verifier.max_context
+        if len(ids) >= limit:
+            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+        if not req.speculate:
+            method = "ar"
+        drafter = self.drafters[method]
+        if req.max_draft_tokens is not None:
+            drafter = CappedDrafter(drafter, req.max_draft_tokens)
+        return ids, drafter, method
+
+    def _encode(self, req: GenerationRequest) -> list[int]:
+        tok = self.target.tokenizer
+        if req.prompt_ids is not None:
+            vocab = self.target.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt_ids):
+                raise RequestError(f"prompt_ids must be token ids in [0, {vocab})")
+            return list(req.prompt_ids)
+        if req.messages is not None:
+            if not self.target.is_chat:
+                raise RequestError(f"{self.cfg.model} has no chat template; send a prompt instead of messages")
+            messages = [m.model_dump() for m in req.messages]
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return list(enc["input_ids"])
+        return list(tok(req.prompt, add_special_tokens=True)["input_ids"])
+
+    def _drive(self, ids: list[int], req: GenerationRequest, drafter: Drafter, method: str, emit,
+               stop: threading.Event) -> None:
+        """Worker thread: run the engine generator, emitting each step, until done or stopped."""
+        gen = self.engine.generate(ids, req.params, drafter, req.request_id)
+        lossless = METHODS[method][0]
+        try:
+            for out in gen:
+                stats = copy.copy(out.stats)
+                stats.accepted_per_position = list(stats.accepted_per_position)
+                stats.lossless = lossless
+                emit(dataclasses.replace(out, stats=stats))
+                if out.finish_reason or stop.is_set():
+                    break
+        except Exception as e:  # noqa: BLE001 - crosses to the caller's event loop, raised there
+            emit(e)
+        finally:
+            gen.close()  # the engine's finally finishes the drafter; the sequence and its KV cache go
+            self.live.discard(req.request_id)
+            self.metrics.running.set(len(self.live))
+            emit(_END)
+
+    def _observe(self, method: str, last: StepOutput | None, out: StepOutput, arrived: float, prev: float) -> float:
+        """Record one step's metrics; returns the time of this step's tokens."""
+        now, m, tags = time.perf_counter(), self.metrics, {"method": method}
+        n = len(out.token_ids)
+        if last is None:
+            m.prompt_tokens.inc(out.stats.prompt_tokens, tags)
+        if n:
+            if out.stats.new_tokens == n:
+                m.ttft.observe(now - arrived, tags)
+            else:
+                for _ in range(n):
+                    m.itl.observe((now - prev) / n, tags)
+            m.generation_tokens.inc(n, tags)
+        m.step(method, last.stats if last else None, out.stats)
+        if out.finish_reason:
+            m.requests.inc(1, tags | {"finished_reason": out.finish_reason})
+        return now if n else prev
