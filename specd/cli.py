@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from actors.models import DEFAULT_MODEL
+from specd.serve_cmd import add_serve_parser, generate_remote
 
 
 
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", type=Path, help="JSONL with a 'prompt' field per line, or plain text lines")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"target model name or path (default {DEFAULT_MODEL})")
     g.add_argument("--draft-model", help="auxiliary draft model for sd/mtad/mmtad (same tokenizer)")
-    g.add_argument("--method", default="ar",
-                   help="ar | sd | aded | mtad | mmtad (default ar); mtad/mmtad are APPROXIMATE: lower perplexity, "
+    g.add_argument("--server", metavar="HOST:PORT", help="generate on a running `specd serve` over gRPC")
+    g.add_argument("--method", default=None,
+                   help="ar | sd | aded | mtad | mmtad (default ar; with --server the server's default); mtad/mmtad are APPROXIMATE: lower perplexity, "
                         "not the target's exact distribution (their stats say lossless: false)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
     g.set_defaults(func=cmd_generate)
+
+    add_serve_parser(sub)
 
     pr = sub.add_parser("profile", help="measure verify-forward latency for k = 1..64 tokens")
     pr.add_argument("--model", default=DEFAULT_MODEL)
@@ -143,6 +147,9 @@ def cmd_generate(args) -> int:
     from actors.models import load_model
     from actors.sampling import SamplingParams
 
+    if args.server:
+        return generate_remote(args, read_prompts(args))
+    args.method = args.method or "ar"
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
     params = SamplingParams(
