@@ -70,7 +70,8 @@ class Ingress:
         d = await self.verifier.describe.remote()
         methods = [pb.MethodInfo(name=m, lossless=METHODS[m][0], description=METHODS[m][1]) for m in d["methods"]]
         return pb.ListModelsResponse(model=d["model"], methods=methods, default_method=d["default_method"],
-                                     max_context=d["max_context"], max_tokens_limit=d["max_tokens_limit"])
+                                     max_context=d["max_context"], max_tokens_limit=d["max_tokens_limit"],
+                                     chat=d["chat"])
 
     def _invalid_grpc(self, grpc_context, error: RequestError, empty):
         self.metrics.invalid.inc(1, {"protocol": "grpc"})

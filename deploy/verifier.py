@@ -59,7 +59,8 @@ class VerifierServer:
 
     def describe(self) -> dict:
         return {"model": self.cfg.model, "methods": sorted(self.drafters), "default_method": self.default_method,
-                "max_context": self.engine.verifier.max_context, "max_tokens_limit": self.cfg.max_tokens_limit}
+                "max_context": self.engine.verifier.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
+                "chat": self.target.is_chat}
 
     def ping(self) -> bool:
         return True

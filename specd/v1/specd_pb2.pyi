@@ -151,18 +151,20 @@ class MethodInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lossless: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("model", "methods", "default_method", "max_context", "max_tokens_limit")
+    __slots__ = ("model", "methods", "default_method", "max_context", "max_tokens_limit", "chat")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_METHOD_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
     default_method: str
     max_context: int
     max_tokens_limit: int
-    def __init__(self, model: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., max_context: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
+    chat: bool
+    def __init__(self, model: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., max_context: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("tokens", "parents", "q_vocab", "q")
