@@ -2,6 +2,10 @@
 
 A drafter is a library: it knows nothing of Ray, gRPC, Redis or the verifier. The engine drives a
 request through ``start -> (propose -> observe)* -> finish``.
+
+Acceptance is exact (lossless) unless a drafter names an approximate rule in an ``acceptance`` attribute:
+``"mtad"`` / ``"mmtad"`` (:class:`actors.mtad.MtadDrafter`, which also carries ``tau`` and puts each node's
+log q in ``Draft.info["logq"]``). Such requests report ``lossless: false``.
 """
 
 from __future__ import annotations
