@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.aded.budget import BudgetConfig, Calibrator, choose_budget
+from actors.aded.budget import SUFFIX, BudgetConfig, Calibrator, choose_budget
 from actors.aded.drafter import AdedConfig, AdedDrafter
 from actors.aded.mcts import MctsConfig, mcts_paths, run_mcts
 from actors.aded.ngram import NGramConfig, NGramModel
@@ -157,10 +157,10 @@ def test_drafter_stops_drafting_when_nothing_is_accepted(matrix):
 
 def test_calibrator_learns_per_bucket():
     cal = Calibrator(BudgetConfig(prior_strength=1.0, ema_decay=1.0))
-    b = cal.suffix_bucket(4, 1)
+    b = cal.chain_bucket(SUFFIX, 4, 1)
     cal.update(np.array([b] * 99), np.ones(99, bool))
     assert cal.estimates()[b] > 0.95
-    assert cal.estimates()[cal.suffix_bucket(4, 2)] == pytest.approx(cal.prior[cal.suffix_bucket(4, 2)])
+    assert cal.estimates()[cal.chain_bucket(SUFFIX, 4, 2)] == pytest.approx(cal.prior[cal.chain_bucket(SUFFIX, 4, 2)])
 
 
 def test_suffix_matching_finds_repeated_span():
@@ -215,3 +215,31 @@ def test_simulator_replays_a_repetitive_trace(matrix):
     assert res.tokens_per_forward > 2.0 and res.speedup > 1.0
     d = Draft(np.array([6, 9, 7]), np.array([-1, -1, 0]))
     assert accepted_path(d, np.array([6, 7, 8])) == [0, 2]
+
+
+def test_default_matrix_from_files_and_cached_generation(tmp_path, monkeypatch):
+    from actors.aded import corpus
+    from actors.tiny import tiny_tokenizer
+
+    monkeypatch.setenv("SPECD_CACHE_DIR", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("def add(a, b):\n    return a + b\n")
+    (tmp_path / "chat.jsonl").write_text('{"text": "hello world"}\n{"prompt": "hi", "response": "hello there"}\n')
+    calls = []
+
+    def generate(prompt: str) -> str:
+        calls.append(prompt)
+        return "def add(a, b): return a + b"
+
+    kwargs = dict(sources=[tmp_path / "src", tmp_path / "chat.jsonl"], prompts=corpus.CORPUS_PROMPTS[:3],
+                  include_stdlib=False,
+                  include_package_docs=False, progress=False)
+    for _ in range(2):
+        m = corpus.build_default_matrix(tok, "tiny", generate_fn=generate, **kwargs)
+    assert len(calls) == 3  # the second build reads the cached answers
+    assert corpus.default_matrix_path("tiny").exists()
+    ids = tok("return a", add_special_tokens=False)["input_ids"]
+    succ, _ = m.pair_successors(ids[-2], ids[-1])
+    assert tok.convert_tokens_to_ids(tok.tokenize(" "))[0] in succ.tolist()
+    assert TrigramMatrix.load(corpus.default_matrix_path("tiny")).num_pairs == m.num_pairs

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.cost import CostModel
 
 #: Candidate sources; each has its own buckets, because their confidences mean different things.
-NGRAM, MCTS, SUFFIX = 0, 1, 2
-N_SOURCES = 3
+NGRAM, MCTS, SUFFIX, HISTORY = 0, 1, 2, 3
+N_SOURCES = 4
 
 
 class BudgetConfig(BaseModel):
@@ -33,11 +33,15 @@ class BudgetConfig(BaseModel):
     suffix_match_bins: int = Field(8, ge=1, le=64, description="Suffix match lengths told apart (longer = last).")
     suffix_depth_bins: int = Field(16, ge=1, le=256, description="Suffix depths told apart (deeper = last).")
     suffix_prior: tuple[float, ...] = Field(
-        (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.85), description="Prior per-token acceptance of a suffix "
-        "chain by match length; a node at depth d starts at prior**d.")
+        (0.15, 0.35, 0.55, 0.6, 0.75, 0.75, 0.8, 0.9), description="Prior per-token acceptance of a "
+        "per-request suffix chain by match length (SmolLM2 on generic prompts); depth d starts at prior**d.")
+    history_prior: tuple[float, ...] = Field(
+        (0.05, 0.2, 0.3, 0.45, 0.5, 0.6, 0.65, 0.7), description="The same for chains from earlier requests.")
     ngram_prior_scale: float = Field(0.8, gt=0.0, le=1.0, description="Prior of an n-gram bucket: this times "
                                      "its confidence (corpus statistics overrate themselves on a new model).")
     mcts_prior_scale: float = Field(0.5, gt=0.0, le=1.0, description="Prior of an MCTS bucket: this times its visit share.")
+    agree_prior_factor: float = Field(0.7, gt=0.0, le=1.0, description="Prior of a node several sources "
+                                      "propose: its best source's prior p becomes 1 - (1 - p) * this.")
     prior_strength: float = Field(8.0, gt=0.0, description="Pseudo-observations behind each prior.")
     ema_decay: float = Field(0.995, gt=0.0, le=1.0, description="Per-update decay of a bucket's counts (recency).")
     min_gain: float = Field(0.0, ge=0.0, description="A draft must beat plain decoding by this relative margin.")
@@ -51,17 +55,24 @@ class Calibrator:
     def __init__(self, config: BudgetConfig) -> None:
         self.config = config
         c = config
-        self.offsets = np.array([0, c.conf_bins, 2 * c.conf_bins,
-                                 2 * c.conf_bins + c.suffix_match_bins * c.suffix_depth_bins])
         centres = 2.0 ** (-(np.arange(c.conf_bins) + 0.5) / 2)
-        match = np.arange(1, c.suffix_match_bins + 1)
-        per_token = np.array([c.suffix_prior[min(m, len(c.suffix_prior)) - 1] for m in match])
-        depth = np.arange(1, c.suffix_depth_bins + 1)
-        suffix = per_token[:, None] ** depth[None, :]
-        self.prior = np.concatenate([c.ngram_prior_scale * centres, c.mcts_prior_scale * centres, suffix.ravel()])
+        priors = [c.ngram_prior_scale * centres, c.mcts_prior_scale * centres,
+                  self._match_prior(c.suffix_prior), self._match_prior(c.history_prior)]
+        self.offsets = np.cumsum([0] + [len(p) for p in priors])  # [N_SOURCES + 1]
+        solo = np.concatenate(priors)
+        #: Nodes several sources agree on are calibrated in a second table of the same layout.
+        self.agree_offset = len(solo)
+        self.prior = np.concatenate([solo, 1.0 - (1.0 - solo) * c.agree_prior_factor])
         self.hits = np.zeros_like(self.prior)
         self.trials = np.zeros_like(self.prior)
         self._lock = threading.Lock()
+
+    def _match_prior(self, per_match: tuple[float, ...]) -> np.ndarray:
+        """[match bins * depth bins] prior of a chain node: per-token prior ** depth."""
+        c = self.config
+        per_token = np.array([per_match[min(m, len(per_match)) - 1] for m in range(1, c.suffix_match_bins + 1)])
+        depth = np.arange(1, c.suffix_depth_bins + 1)
+        return (per_token[:, None] ** depth[None, :]).ravel()
 
     @property
     def n_buckets(self) -> int:
@@ -72,10 +83,11 @@ class Calibrator:
         b = int(-2.0 * math.log2(max(conf, 1e-30))) if conf < 1.0 else 0
         return int(self.offsets[source]) + min(b, self.config.conf_bins - 1)
 
-    def suffix_bucket(self, match_len: int, depth: int) -> int:
+    def chain_bucket(self, source: int, match_len: int, depth: int) -> int:
+        """Bucket of a SUFFIX or HISTORY chain node by its match length and depth."""
         m = min(match_len, self.config.suffix_match_bins) - 1
         d = min(depth, self.config.suffix_depth_bins) - 1
-        return int(self.offsets[SUFFIX]) + m * self.config.suffix_depth_bins + d
+        return int(self.offsets[source]) + m * self.config.suffix_depth_bins + d
 
     def estimates(self) -> np.ndarray:
         """[n_buckets] current P(accepted): the EMA counts shrunk toward the prior."""

@@ -24,7 +24,8 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.aded.budget import MCTS, NGRAM, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
+from actors.aded.budget import HISTORY, MCTS, NGRAM, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
+from actors.aded.history import History, HistoryConfig
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
 from actors.aded.suffix import SuffixConfig, suffix_chains
@@ -46,6 +47,7 @@ class AdedConfig(BaseModel):
     best_first: BestFirstConfig = Field(default_factory=BestFirstConfig, description="Best-first search settings.")
     mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
     suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")
+    history: HistoryConfig = Field(default_factory=HistoryConfig, description="Cross-request output matching.")
     ngram: NGramConfig = Field(default_factory=NGramConfig, description="How matrix and store combine.")
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="What is folded into the store.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Cost-aware budget and calibration.")
@@ -60,6 +62,7 @@ class _Request:
     folded: int  # context tokens whose tri-grams (ending there) are already in the store
     pending_state: tuple[int, int] = (-1, -1)  # (context[-2], context[-1]) of the last proposal
     last_draft: Draft | None = None  # feedback about any other draft (e.g. the engine's empty one) is not ours
+    context: np.ndarray | None = None  # the last proposal's context: joins the history on finish
 
 
 class AdedDrafter:
@@ -73,6 +76,7 @@ class AdedDrafter:
         # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
         self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
         self.costs = CostTable(cost_model or CostModel.flat(), self.config.budget.max_nodes, self.config.budget.ctx_step)
+        self.history = History(self.config.history, matrix.vocab_size)
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
 
@@ -88,12 +92,14 @@ class AdedDrafter:
         state = self._requests[request_id]
         ctx = np.asarray(context, np.int64)
         self._fold_context(state, ctx)
+        state.context = ctx
         state.pending_state = (int(ctx[-2]) if len(ctx) > 1 else -1, int(ctx[-1]))
         calibrator = self.calibrators[state.greedy]
         trie = self._candidates(ctx, state, calibrator)
-        tokens, parents, probs, buckets = trie.ranked(calibrator.estimates())
+        tokens, parents, probs, buckets = trie.ranked(calibrator.estimates(), calibrator.agree_offset)
         cap = min(max_nodes, self.config.budget.max_nodes)
         n = choose_budget(probs[:cap], self.costs.relative(len(ctx)), self.config.budget.min_gain)
+        # info: each node's calibration bucket (for observe) and estimated P(accepted).
         draft = Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
         state.last_draft = draft
         return draft
@@ -107,8 +113,7 @@ class AdedDrafter:
         if len(draft):
             accepted = np.zeros(len(draft), bool)
             accepted[list(feedback.accepted_nodes)] = True
-            per_source = np.repeat(accepted, buckets.shape[1])
-            self.calibrators[state.greedy].update(buckets.ravel(), per_source)
+            self.calibrators[state.greedy].update(buckets, accepted)
         if feedback.target_topk is not None and self.config.adapt.topk_weights:
             inc = topk_increments(state.pending_state, draft.tokens, draft.parents, feedback.target_topk,
                                   self.config.adapt.topk_weights)
@@ -116,7 +121,9 @@ class AdedDrafter:
 
     def finish(self, request_id: str) -> None:
         with self._lock:
-            self._requests.pop(request_id, None)
+            state = self._requests.pop(request_id, None)
+        if state is not None and state.context is not None:
+            self.history.extend([state.context])
 
     def _fold_context(self, state: _Request, ctx: np.ndarray) -> None:
         """Each verified tri-gram of the request once (the prompt's on start, the output's as it grows)."""
@@ -128,10 +135,11 @@ class AdedDrafter:
     def _candidates(self, ctx: np.ndarray, state: _Request, calibrator: Calibrator) -> CandidateTrie:
         """All sources' candidate paths below the pending token, merged into one trie."""
         trie = CandidateTrie()
-        for match_len, chain in suffix_chains(ctx, self.config.suffix):
-            parent = -1
-            for depth, tok in enumerate(chain.tolist(), start=1):
-                parent = trie.add(parent, tok, SUFFIX, calibrator.suffix_bucket(match_len, depth))
+        for source, chains in ((SUFFIX, suffix_chains(ctx, self.config.suffix)), (HISTORY, self.history.chains(ctx))):
+            for match_len, chain in chains:
+                parent = -1
+                for depth, tok in enumerate(chain.tolist(), start=1):
+                    parent = trie.add(parent, tok, source, calibrator.chain_bucket(source, match_len, depth))
         a, b = state.pending_state
         lookup = self.model.memo()
         if self.config.search == "best_first":

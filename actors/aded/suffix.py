@@ -29,21 +29,29 @@ def suffix_chains(context: np.ndarray, config: SuffixConfig) -> list[tuple[int, 
 
     Ranked by match length, then recency; continuations that repeat an earlier chain's are dropped.
     """
-    n = len(context)
-    if n < 2 or not config.enabled:
+    if len(context) < 2 or not config.enabled:
         return []
-    lo = max(0, n - config.window)
-    ctx = context[lo:]
-    n = len(ctx)
+    ctx = context[max(0, len(context) - config.window):]
     cand = np.flatnonzero(ctx[:-1] == ctx[-1])  # [m] positions p < n - 1 with ctx[p] == ctx[-1]
+    return match_chains(ctx, cand, ctx, config)
+
+
+def match_chains(hay: np.ndarray, cand: np.ndarray, query: np.ndarray,
+                 config: SuffixConfig) -> list[tuple[int, np.ndarray]]:
+    """Chains from ``hay`` after the candidate positions ``cand`` (where ``hay[p] == query[-1]``).
+
+    A candidate's match length counts how far back ``hay`` agrees with ``query`` (up to ``max_match``);
+    a continuation stops at the end of ``hay`` or at a negative id (a separator between documents).
+    """
     if not len(cand):
         return []
+    n = len(query)
     match = np.ones(len(cand), np.int64)
     alive = np.ones(len(cand), bool)
-    for k in range(1, min(config.max_match, n - 1)):
+    for k in range(1, min(config.max_match, n)):
         prev = cand - k
         alive &= prev >= 0
-        alive[alive] = ctx[prev[alive]] == ctx[n - 1 - k]
+        alive[alive] = hay[prev[alive]] == query[n - 1 - k]
         if not alive.any():
             break
         match += alive
@@ -55,9 +63,12 @@ def suffix_chains(context: np.ndarray, config: SuffixConfig) -> list[tuple[int, 
         if m < config.min_match:
             break
         start = int(cand[i]) + 1
-        cont = ctx[start: min(n, start + config.max_depth)]
+        cont = hay[start: start + config.max_depth]
+        stop = np.flatnonzero(cont < 0)
+        if len(stop):
+            cont = cont[: stop[0]]
         key = tuple(cont.tolist())
-        if key in seen:
+        if not key or key in seen:
             continue
         seen.add(key)
         chains.append((m, cont))

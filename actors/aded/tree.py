@@ -43,18 +43,23 @@ class CandidateTrie:
             self.buckets[i][source] = bucket
         return i
 
-    def ranked(self, estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens, parents, probs, buckets) in decreasing estimated acceptance, parents first.
+    def ranked(self, estimates: np.ndarray, agree_offset: int) -> tuple[np.ndarray, ...]:
+        """(tokens, parents, probs, bucket) in decreasing estimated acceptance, parents first.
 
-        ``estimates`` [n_buckets] P(accepted) per calibration bucket.
+        ``estimates`` [n_buckets] P(accepted) per calibration bucket. A node one source proposed takes
+        that source's bucket; a node several sources agree on takes the bucket of its most confident
+        source shifted by ``agree_offset`` into a table of its own, so agreement (which is accepted more
+        often) neither inflates the single-source estimates nor is underrated by them.
         """
         n = len(self.tokens)
         if n == 0:
             z = np.zeros(0, np.int64)
-            return z, z, np.zeros(0), np.zeros((0, N_SOURCES), np.int64)
+            return z, z, np.zeros(0), z
         buckets = np.asarray(self.buckets, np.int64)  # [n, N_SOURCES]
-        per_source = np.where(buckets >= 0, estimates[np.maximum(buckets, 0)], 0.0)
-        probs = per_source.max(axis=1)
+        solo = np.where(buckets >= 0, estimates[np.maximum(buckets, 0)], -1.0)
+        best = buckets[np.arange(n), solo.argmax(axis=1)]  # [n]
+        bucket = np.where((buckets >= 0).sum(axis=1) > 1, best + agree_offset, best)
+        probs = estimates[bucket]
         parents = np.asarray(self.parents, np.int64)
         for i in range(n):  # parents precede children in creation order
             if parents[i] >= 0 and probs[i] > probs[parents[i]]:
@@ -64,7 +69,7 @@ class CandidateTrie:
         new_index[order] = np.arange(n)
         old_parents = parents[order]
         new_parents = np.where(old_parents >= 0, new_index[np.maximum(old_parents, 0)], -1)
-        return np.asarray(self.tokens, np.int64)[order], new_parents, probs[order], buckets[order]
+        return np.asarray(self.tokens, np.int64)[order], new_parents, probs[order], bucket[order]
 
 
 class BestFirstConfig(BaseModel):
