@@ -243,3 +243,19 @@ def test_default_matrix_from_files_and_cached_generation(tmp_path, monkeypatch):
     succ, _ = m.pair_successors(ids[-2], ids[-1])
     assert tok.convert_tokens_to_ids(tok.tokenize(" "))[0] in succ.tolist()
     assert TrigramMatrix.load(corpus.default_matrix_path("tiny")).num_pairs == m.num_pairs
+
+
+def test_make_aded_drafter_checks_the_tokenizer(matrix, tmp_path):
+    from types import SimpleNamespace
+
+    from actors.aded import make_aded_drafter
+
+    path = tmp_path / "m.safetensors"
+    TrigramMatrix(**{**matrix.__dict__, "identity": "tok-a"}).save(path)
+    drafter = make_aded_drafter(SimpleNamespace(identity="tok-a", name="t"), matrix_path=path,
+                                cost_model=CostModel.flat(), config={"search": "mcts"})
+    assert drafter.config.search == "mcts" and drafter.matrix.num_pairs == matrix.num_pairs
+    with pytest.raises(ValueError, match="tokenizer"):
+        make_aded_drafter(SimpleNamespace(identity="tok-b", name="t"), matrix_path=path, cost_model=CostModel.flat())
+    with pytest.raises(FileNotFoundError, match="ngrams build"):
+        make_aded_drafter(SimpleNamespace(identity="tok-a", name="t"), matrix_path=tmp_path / "none.safetensors")
