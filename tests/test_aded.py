@@ -259,3 +259,18 @@ def test_make_aded_drafter_checks_the_tokenizer(matrix, tmp_path):
         make_aded_drafter(SimpleNamespace(identity="tok-b", name="t"), matrix_path=path, cost_model=CostModel.flat())
     with pytest.raises(FileNotFoundError, match="ngrams build"):
         make_aded_drafter(SimpleNamespace(identity="tok-a", name="t"), matrix_path=tmp_path / "none.safetensors")
+
+
+def test_distilled_predictions_enter_the_matrix():
+    from actors.aded.distill import distill_trigrams
+    from actors.tiny import tiny_model
+
+    model = tiny_model(seed=0)
+    streams = [np.random.default_rng(1).integers(0, 256, 64)]
+    keys, weights = distill_trigrams(model, streams, 259, top_k=1, seq_len=16, batch_size=2, progress=False)
+    assert len(keys) == 4 * 15 and np.all((weights > 0) & (weights <= 1))
+    x = torch.tensor(streams[0][:16])[None]
+    with torch.no_grad():
+        argmax = int(model(x).logits[0, 5].argmax())
+    m = build_matrix([], 259, weighted_trigrams=(keys, weights), progress=False)
+    assert argmax in m.pair_successors(int(x[0, 4]), int(x[0, 5]))[0].tolist()

@@ -145,11 +145,13 @@ def _stream_chunks(token_streams: Iterable[np.ndarray], vocab_size: int, chunk_t
 
 
 def build_matrix(token_streams: Iterable[np.ndarray], vocab_size: int, top_k: int = 12, identity: str = "",
-                 chunk_tokens: int = 20_000_000, progress: bool = True) -> TrigramMatrix:
+                 chunk_tokens: int = 20_000_000, progress: bool = True,
+                 weighted_trigrams: tuple[np.ndarray, np.ndarray] | None = None) -> TrigramMatrix:
     """Count tri-grams and bigrams over ``token_streams`` (each an id sequence) with numpy sorts.
 
-    Memory is bounded by ``chunk_tokens`` per pass plus the unique n-grams; tens of millions of tokens
-    take seconds.
+    ``weighted_trigrams``: extra ``(keys (a * V + b) * V + c, weights)`` added to the tri-gram counts,
+    e.g. the target's own predictions from ``actors.aded.distill``. Memory is bounded by
+    ``chunk_tokens`` per pass plus the unique n-grams; tens of millions of tokens take seconds.
     """
     if vocab_size ** 3 >= 2 ** 63:
         raise ValueError("vocab too large for int64 tri-gram keys")
@@ -157,6 +159,8 @@ def build_matrix(token_streams: Iterable[np.ndarray], vocab_size: int, top_k: in
     for tri, bi in _stream_chunks(token_streams, vocab_size, chunk_tokens, progress):
         tri_parts.append(_count_keys(tri))
         bi_parts.append(_count_keys(bi))
+    if weighted_trigrams is not None:
+        tri_parts.append(weighted_trigrams)
     tri_keys, tri_counts = _merge(tri_parts)
     bi_keys, bi_counts = _merge(bi_parts)
     pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals = _top_k_csr(
@@ -171,11 +175,10 @@ def build_matrix(token_streams: Iterable[np.ndarray], vocab_size: int, top_k: in
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
+    """Sum the counts of equal keys over all parts: (sorted unique keys, float64 counts)."""
     if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
     keys = np.concatenate([k for k, _ in parts])
     counts = np.concatenate([c for _, c in parts])
     uniq, inverse = np.unique(keys, return_inverse=True)
-    return uniq, np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
+    return uniq, np.bincount(inverse, weights=counts, minlength=len(uniq))  # float64: weights may be fractional
