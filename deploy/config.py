@@ -45,7 +45,11 @@ class DeploymentOptions(BaseModel):
         if v is not None:
             from ray.serve.config import AutoscalingConfig
 
-            AutoscalingConfig(**v)  # raises on unknown keys or inconsistent bounds
+            fields = getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__
+            unknown = sorted(set(v) - set(fields))
+            if unknown:  # Serve ignores unknown keys: a typo would silently keep the defaults
+                raise ValueError(f"unknown autoscaling_config keys {unknown}")
+            AutoscalingConfig(**v)  # raises on inconsistent bounds
         return v
 
     def serve_options(self) -> dict[str, Any]:

@@ -36,6 +36,13 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse(error_body(msgs), status_code=400)
 
 
+async def _prepend(first: ServedChunk, rest: AsyncIterator[ServedChunk]) -> AsyncIterator[ServedChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+# Serve ships the decorated class by value: module globals defined below it are not captured.
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, verifier) -> None:
@@ -65,6 +72,7 @@ class Ingress:
                 yield chunk_to_proto(c.output, c.method)
         except RequestError as e:
             self._invalid_grpc(grpc_context, e, None)
+            raise  # a stream only ends with the status set on the context when it raises
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         d = await self.verifier.describe.remote()
@@ -152,8 +160,3 @@ class Ingress:
                 yield render.event(chunk)
         yield DONE
 
-
-async def _prepend(first: ServedChunk, rest: AsyncIterator[ServedChunk]) -> AsyncIterator[ServedChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk

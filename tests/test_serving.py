@@ -1,0 +1,226 @@
+"""The served app on a real local Ray Serve (one cluster per session, tiny models; one SmolLM2 test).
+
+Config under test: tiny-llama target, tiny-llama:1 as the auxiliary draft model (sd) on 2 drafter
+replicas, the tri-gram pool remote, the verifier autoscaled within [1, 1]; the node offers exactly the
+pools this needs (draft_pool 3, verify_pool 1) plus one verify_pool slot for the SmolLM2 app.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import requests
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from actors.drafter import NoDrafter  # noqa: E402
+from actors.engine import Engine  # noqa: E402
+from actors.models import load_model  # noqa: E402
+from actors.sampling import SamplingParams  # noqa: E402
+from deploy import local  # noqa: E402
+from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
+from specd.client import SpecdClient  # noqa: E402
+from specd.v1 import specd_pb2 as pb  # noqa: E402
+
+PROMPTS = ["hello world", "the quick brown fox", "0123456789", "speculative decoding is"]
+MAX_TOKENS = 24
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served():
+    cfg = ServeConfig(
+        model="tiny-llama", draft_model="tiny-llama:1", default_method="sd", http_port=_free_port(),
+        grpc_port=_free_port(), torch_threads=1, max_tokens_limit=256,
+        verifier=DeploymentOptions(num_cpus=0.2, resources={"verify_pool": 1}, max_ongoing_requests=16,
+                                   autoscaling_config={"min_replicas": 1, "max_replicas": 1,
+                                                       "target_ongoing_requests": 8}),
+        aux_drafter=DeploymentOptions(num_replicas=2, num_cpus=0.1, resources={"draft_pool": 1}),
+    )
+    local.start(cfg, extra_resources={"verify_pool": 1})
+    try:
+        local.deploy(cfg)
+        yield cfg
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    with SpecdClient(f"127.0.0.1:{served.grpc_port}", timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Greedy tokens of the embedded engine, per prompt text (what every lossless method must return)."""
+    target = load_model("tiny-llama")
+    engine = Engine(target)
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, ignore_eos=True)
+    return {p: engine.run(target.tokenizer(p)["input_ids"], params, NoDrafter()).token_ids for p in PROMPTS}
+
+
+@pytest.mark.parametrize("method", ["ar", "sd"])
+def test_unary_and_stream_match_embedded_engine(client, reference, method):
+    for prompt in PROMPTS:
+        r = client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, method=method)
+        chunks = list(client.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, method=method))
+        assert list(r.token_ids) == reference[prompt]
+        assert [t for c in chunks for t in c.token_ids] == reference[prompt]
+        assert r.finish_reason == chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert r.stats.method == method and r.stats.lossless and r.stats.new_tokens == MAX_TOKENS
+        assert all(not c.HasField("stats") for c in chunks[:-1]) and chunks[-1].stats.new_tokens == MAX_TOKENS
+    if method == "sd":
+        assert r.stats.drafted_tokens > 0  # the remote drafter really drafted
+
+
+def test_pools_hold_replicas_and_overflow_stays_pending(served):
+    deployments = serve.status().applications[served.name].deployments
+    assert deployments["AuxDrafter"].replica_states == {"RUNNING": 2}
+    assert deployments["Verifier"].replica_states == {"RUNNING": 1}
+    assert ray.available_resources().get("draft_pool", 0) == 0  # 2 aux + 1 tri-gram replica fill the pool
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {"draft_pool": 1}})
+    class Overflow:
+        def __call__(self) -> str:
+            return "never"
+
+    serve._run(Overflow.bind(), name="overflow", route_prefix=None, _blocking=False)
+    try:
+        time.sleep(5)
+        status = serve.status().applications["overflow"]
+        assert status.status == "DEPLOYING"
+        assert status.deployments["Overflow"].replica_states.get("RUNNING", 0) == 0
+    finally:
+        serve.delete("overflow")
+
+
+def test_eight_concurrent_streams(client, reference):
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        chunks = list(client.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, method="sd"))
+        results[i] = ([t for c in chunks for t in c.token_ids], chunks[-1].finish_reason)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 8
+    for i, (tokens, reason) in results.items():
+        assert tokens == reference[PROMPTS[i % len(PROMPTS)]] and reason == pb.FINISH_REASON_LENGTH
+
+
+BAD = {
+    "empty prompt": dict(prompt=""),
+    "prompt over the context": dict(prompt=[65] * 4096),
+    "max_tokens 0": dict(max_tokens=0),
+    "max_tokens over the limit": dict(max_tokens=100_000),
+    "negative temperature": dict(temperature=-0.5),
+    "top_p 0": dict(top_p=0.0),
+    "top_p over 1": dict(top_p=1.5),
+    "unknown method": dict(method="nope"),
+    "unknown model": dict(model="gpt-5"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_requests_are_invalid_argument(client, case):
+    kwargs = dict(prompt="hello", max_tokens=8) | BAD[case]
+    for call in (client.generate, lambda **k: list(client.stream(**k))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(**kwargs)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        assert err.value.details() and "Traceback" not in err.value.details()
+    assert len(client.generate("still up", max_tokens=4).token_ids) > 0
+
+
+def test_cancelled_stream_frees_the_sequence(served, client):
+    stream = client.stream("cancel me", max_tokens=256, ignore_eos=True, method="sd")
+    next(stream)
+    next(stream)
+    stream.close()  # cancels the RPC
+    verifier = serve.get_deployment_handle("Verifier", served.name)
+    deadline = time.time() + 20
+    while verifier.live_requests.remote().result() and time.time() < deadline:
+        time.sleep(0.2)
+    assert verifier.live_requests.remote().result() == 0
+
+
+def test_health_serving(served):
+    # A Kubernetes gRPC probe sends no `application` metadata: with one app the proxy routes it anyway.
+    with SpecdClient(f"127.0.0.1:{served.grpc_port}", application=None, timeout=30) as bare:
+        assert bare.health() == "SERVING"
+        assert bare.health("specd.v1.Specd") == "SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            bare.health("no.such.Service")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    r = requests.get(f"http://127.0.0.1:{served.http_port}/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "SERVING"
+
+
+def test_openai_completions_stream(served, reference):
+    base = f"http://127.0.0.1:{served.http_port}"
+    models = requests.get(f"{base}/v1/models", timeout=30).json()
+    assert models["data"][0]["id"] == "tiny-llama"
+    body = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    events = _sse(requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=60))
+    assert events[-1] == "[DONE]" and len(events) > 2
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"]["completion_tokens"] == MAX_TOKENS
+    full = requests.post(f"{base}/v1/completions", json=body | {"stream": False}, timeout=60).json()
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full["choices"][0]["text"]
+    bad = requests.post(f"{base}/v1/completions", json=body | {"top_p": 0}, timeout=30)
+    assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]
+
+
+def _sse(response) -> list:
+    import json
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.mark.smollm2
+def test_smollm2_chat_over_grpc_and_openai(served, smollm2):
+    """SmolLM2 as a second app (tri-gram drafter colocated): chat greedy output equals the embedded engine."""
+    cfg = ServeConfig(name="smol", model="smollm2-135m", torch_threads=1, trigram_placement="colocated",
+                      verifier=DeploymentOptions(num_cpus=0.2, resources={"verify_pool": 1}))
+    from deploy.app import build_app
+
+    serve.run(build_app(cfg.model_dump(mode="json")), name="smol", route_prefix="/smol")
+    try:
+        messages = [{"role": "user", "content": "Name three colors."}]
+        ids = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+        want = Engine(smollm2).run(ids, SamplingParams(max_new_tokens=16), NoDrafter())
+        with SpecdClient(f"127.0.0.1:{served.grpc_port}", application="smol", timeout=120) as c:
+            assert c.models().chat
+            chunks = list(c.stream(messages=messages, max_tokens=16))
+        assert [t for ch in chunks for t in ch.token_ids] == want.token_ids
+        body = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
+        events = _sse(requests.post(f"http://127.0.0.1:{served.http_port}/smol/v1/chat/completions", json=body,
+                                    stream=True, timeout=120))
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+        assert text == want.text and events[-1] == "[DONE]"
+    finally:
+        serve.delete("smol")
