@@ -117,7 +117,9 @@ def log_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return warp(logits, params).log()
 
 
-def forward_tree_nodes(kv: KVSequence, base: int, tree: BeamTree, nodes: list[int], slots: dict[int, int]) -> torch.Tensor:
+def forward_tree_nodes(
+    kv: KVSequence, base: int, tree: BeamTree, nodes: list[int], slots: dict[int, int]
+) -> torch.Tensor:
     """One forward of tree ``nodes`` (all of one depth) after ``kv``; returns their logits [len(nodes), V].
 
     ``base``: cache length of the context (the pending token included); ``slots``: node -> cache index of the
@@ -201,7 +203,8 @@ class MtadDrafter:
         index = {v: i for i, v in enumerate(nodes)}
         parents = [index.get(tree.parents[v], -1) for v in nodes]
         st.pending = _Pending(base, nodes, slots)
-        info = {"logq": np.array([tree.logq[v] for v in nodes]), "beam_weight": np.array([tree.weights[v] for v in nodes])}
+        info = {"logq": np.array([tree.logq[v] for v in nodes]),  # [n] read by the acceptance rule
+                "beam_weight": np.array([tree.weights[v] for v in nodes])}  # [n] summed log q of each node's path
         return Draft(np.array([tree.tokens[v] for v in nodes], np.int64), np.array(parents, np.int64), info=info)
 
     def observe(self, request_id: str, feedback: Feedback) -> None:

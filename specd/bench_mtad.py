@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from actors.drafter import NoDrafter
 from actors.engine import Engine
 from actors.methods import METHODS, make_drafter
 from actors.models import LoadedModel, load_model
@@ -170,10 +169,12 @@ def markdown_table(summary: dict) -> str:
             def fmt(key, spec):
                 return format(s[key], spec) if s.get(key) is not None else "-"
 
-            lines.append(f"| {name} | {'yes' if s['lossless'] else 'NO'} | {s['samples']} | {fmt('tokens_per_second', '.3f')}"
-                         f" | {fmt('speed_vs_ar', '.3f')} | {fmt('speed_vs_sd', '.3f')} | {fmt('perplexity', '.3f')}"
+            lines.append(f"| {name} | {'yes' if s['lossless'] else 'NO'} | {s['samples']}"
+                         f" | {fmt('tokens_per_second', '.3f')} | {fmt('speed_vs_ar', '.3f')}"
+                         f" | {fmt('speed_vs_sd', '.3f')} | {fmt('perplexity', '.3f')}"
                          f" | {fmt('perplexity_change_vs_ar', '+.1%')} | {fmt('block_efficiency', '.3f')}"
-                         f" | {fmt('acceptance_rate', '.3f')} | {fmt('pass_at_1', '.3f')} | {fmt('draft_share', '.1%')} |")
+                         f" | {fmt('acceptance_rate', '.3f')} | {fmt('pass_at_1', '.3f')}"
+                         f" | {fmt('draft_share', '.1%')} |")
         lines.append("")
     return "\n".join(lines)
 
