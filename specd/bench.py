@@ -68,8 +68,12 @@ class HFMethod:
 
 
 def run_bench(suites: dict[str, list[dict]], methods: list, encode: Callable[[str], list[int]],
-              params: SamplingParams, baseline: str = "ar") -> dict:
-    """Run every method on every prompt; returns per-prompt records and per-suite summaries."""
+              params: SamplingParams, baseline: str = "ar", checkpoint: Path | None = None) -> dict:
+    """Run every method on every prompt; returns per-prompt records and per-suite summaries.
+
+    With ``checkpoint``, the records so far are rewritten there after every prompt (long runs on a
+    shared machine can be cut short; what was measured survives).
+    """
     records = []
     total = sum(len(p) for p in suites.values())
     with tqdm(total=total * len(methods), desc="bench", unit="run") as bar:
@@ -82,6 +86,9 @@ def run_bench(suites: dict[str, list[dict]], methods: list, encode: Callable[[st
                     runs[m.name] = m.run(ids, params)
                     bar.update(1)
                 records.append(_record(suite, item, len(ids), runs, baseline))
+                if checkpoint:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.write_text(json.dumps({"records": records}))
     return {"records": records, "summary": {s: summarize([r for r in records if r["suite"] == s], baseline)
                                             for s in suites}}
 
