@@ -39,11 +39,17 @@ class BudgetConfig(BaseModel):
         (0.05, 0.2, 0.3, 0.45, 0.5, 0.6, 0.65, 0.7), description="The same for chains from earlier requests.")
     ngram_prior_scale: float = Field(0.8, gt=0.0, le=1.0, description="Prior of an n-gram bucket: this times "
                                      "its confidence (corpus statistics overrate themselves on a new model).")
-    mcts_prior_scale: float = Field(0.5, gt=0.0, le=1.0, description="Prior of an MCTS bucket: this times its visit share.")
-    agree_prior_factor: float = Field(0.7, gt=0.0, le=1.0, description="Prior of a node several sources "
+    mcts_prior_scale: float = Field(0.5, gt=0.0, le=1.0,
+                                    description="Prior of an MCTS bucket: this times its visit share.")
+    agree_prior_factor: float = Field(1.0, gt=0.0, le=1.0, description="Prior of a node several sources "
                                       "propose: its best source's prior p becomes 1 - (1 - p) * this.")
     prior_strength: float = Field(8.0, gt=0.0, description="Pseudo-observations behind each prior.")
     ema_decay: float = Field(0.995, gt=0.0, le=1.0, description="Per-update decay of a bucket's counts (recency).")
+    request_prior_strength: float = Field(
+        2.0, gt=0.0, description="Pseudo-nodes behind a request's own correction factor: the shared estimates "
+        "are scaled by (realised + s) / (predicted + s) over the request's drafts, so a request the statistics "
+        "suit badly stops drafting after a few misses.")
+    request_decay: float = Field(0.9, gt=0.0, le=1.0, description="Per-step decay of a request's sums.")
     min_gain: float = Field(0.0, ge=0.0, description="A draft must beat plain decoding by this relative margin.")
     max_nodes: int = Field(64, ge=0, le=1024, description="Hard cap on nodes per step (the engine's cap also applies).")
     ctx_step: int = Field(64, ge=1, description="Context-length granularity of the cached cost curve.")

@@ -63,6 +63,12 @@ class _Request:
     pending_state: tuple[int, int] = (-1, -1)  # (context[-2], context[-1]) of the last proposal
     last_draft: Draft | None = None  # feedback about any other draft (e.g. the engine's empty one) is not ours
     context: np.ndarray | None = None  # the last proposal's context: joins the history on finish
+    predicted: float = 0.0  # decayed sums of this request's predicted and realised accepted nodes
+    realised: float = 0.0
+
+    def correction(self, strength: float) -> float:
+        """How this request's acceptance compares with the shared calibration (1 = as predicted)."""
+        return (self.realised + strength) / (self.predicted + strength)
 
 
 class AdedDrafter:
@@ -75,7 +81,8 @@ class AdedDrafter:
         self.target_topk = self.config.target_topk if self.config.adapt.topk_weights else 0
         # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
         self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
-        self.costs = CostTable(cost_model or CostModel.flat(), self.config.budget.max_nodes, self.config.budget.ctx_step)
+        budget = self.config.budget
+        self.costs = CostTable(cost_model or CostModel.flat(), budget.max_nodes, budget.ctx_step)
         self.history = History(self.config.history, matrix.vocab_size)
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
@@ -98,7 +105,12 @@ class AdedDrafter:
         trie = self._candidates(ctx, state, calibrator)
         tokens, parents, probs, buckets = trie.ranked(calibrator.estimates(), calibrator.agree_offset)
         cap = min(max_nodes, self.config.budget.max_nodes)
-        n = choose_budget(probs[:cap], self.costs.relative(len(ctx)), self.config.budget.min_gain)
+        budget = self.config.budget
+        # Decayed every step, drafted or not: a request that stopped drafting drifts back and tries again.
+        state.predicted *= budget.request_decay
+        state.realised *= budget.request_decay
+        scaled = np.minimum(1.0, probs[:cap] * state.correction(budget.request_prior_strength))
+        n = choose_budget(scaled, self.costs.relative(len(ctx)), budget.min_gain)
         # info: each node's calibration bucket (for observe) and estimated P(accepted).
         draft = Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
         state.last_draft = draft
@@ -114,6 +126,8 @@ class AdedDrafter:
             accepted = np.zeros(len(draft), bool)
             accepted[list(feedback.accepted_nodes)] = True
             self.calibrators[state.greedy].update(buckets, accepted)
+            state.predicted += float(draft.info["probs"].sum())
+            state.realised += float(accepted.sum())
         if feedback.target_topk is not None and self.config.adapt.topk_weights:
             inc = topk_increments(state.pending_state, draft.tokens, draft.parents, feedback.target_topk,
                                   self.config.adapt.topk_weights)

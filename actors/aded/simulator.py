@@ -169,7 +169,8 @@ def replay_trace(drafter: Drafter, trace: Trace, cost: CostModel, request_id: st
     return stats
 
 
-def replay(drafter: Drafter, traces: Sequence[Trace], cost: CostModel | None = None, max_nodes: int = 64) -> ReplayResult:
+def replay(drafter: Drafter, traces: Sequence[Trace], cost: CostModel | None = None,
+           max_nodes: int = 64) -> ReplayResult:
     """Replay traces in order (the drafter keeps what it learns across them, as a server does)."""
     cost = cost or smollm2_cpu_cost()
     res = ReplayResult()

@@ -59,17 +59,28 @@ class CandidateTrie:
         solo = np.where(buckets >= 0, estimates[np.maximum(buckets, 0)], -1.0)
         best = buckets[np.arange(n), solo.argmax(axis=1)]  # [n]
         bucket = np.where((buckets >= 0).sum(axis=1) > 1, best + agree_offset, best)
-        probs = estimates[bucket]
+        probs = self._consistent(estimates[bucket], np.asarray(self.parents, np.int64))
         parents = np.asarray(self.parents, np.int64)
-        for i in range(n):  # parents precede children in creation order
-            if parents[i] >= 0 and probs[i] > probs[parents[i]]:
-                probs[i] = probs[parents[i]]
         order = np.argsort(-probs, kind="stable")  # ties keep creation order: parents first
         new_index = np.empty(n, np.int64)
         new_index[order] = np.arange(n)
         old_parents = parents[order]
         new_parents = np.where(old_parents >= 0, new_index[np.maximum(old_parents, 0)], -1)
         return np.asarray(self.tokens, np.int64)[order], new_parents, probs[order], bucket[order]
+
+
+    @staticmethod
+    def _consistent(raw: np.ndarray, parents: np.ndarray) -> np.ndarray:
+        """[n] estimates obeying the tree: siblings are exclusive, so their sum is scaled down to at most
+        their parent's estimate (1 for the first level), and no node exceeds its parent."""
+        n = len(raw)
+        sibling_sum = np.bincount(parents + 1, weights=raw, minlength=n + 1)  # [n + 1], index 0 = first level
+        out = np.empty(n)
+        for i in range(n):  # parents precede children in creation order
+            p = int(parents[i])
+            cap = out[p] if p >= 0 else 1.0
+            out[i] = min(raw[i] * min(1.0, cap / sibling_sum[p + 1]), cap)
+        return out
 
 
 class BestFirstConfig(BaseModel):

@@ -137,11 +137,15 @@ def _stream_chunks(token_streams: Iterable[np.ndarray], vocab_size: int, chunk_t
         size += len(s)
         bar.update(len(s))
         if size >= chunk_tokens:
-            yield np.concatenate(tri) if tri else np.zeros(0, np.int64), np.concatenate(bi) if bi else np.zeros(0, np.int64)
+            yield _cat(tri), _cat(bi)
             tri, bi, size = [], [], 0
     bar.close()
     if tri or bi:
-        yield np.concatenate(tri) if tri else np.zeros(0, np.int64), np.concatenate(bi) if bi else np.zeros(0, np.int64)
+        yield _cat(tri), _cat(bi)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def build_matrix(token_streams: Iterable[np.ndarray], vocab_size: int, top_k: int = 12, identity: str = "",
