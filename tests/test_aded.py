@@ -13,7 +13,7 @@ from actors.aded.budget import SUFFIX, BudgetConfig, Calibrator, choose_budget
 from actors.aded.drafter import AdedConfig, AdedDrafter
 from actors.aded.mcts import MctsConfig, mcts_paths, run_mcts
 from actors.aded.ngram import NGramConfig, NGramModel
-from actors.aded.simulator import Trace, accepted_path, replay, smollm2_cpu_cost
+from actors.aded.simulator import PromptLookupDrafter, Trace, accepted_path, replay, smollm2_cpu_cost
 from actors.aded.suffix import SuffixConfig, suffix_chains
 from actors.aded.trigram import TrigramMatrix, build_matrix
 from actors.cost import CostModel
@@ -274,3 +274,10 @@ def test_distilled_predictions_enter_the_matrix():
         argmax = int(model(x).logits[0, 5].argmax())
     m = build_matrix([], 259, weighted_trigrams=(keys, weights), progress=False)
     assert argmax in m.pair_successors(int(x[0, 4]), int(x[0, 5]))[0].tolist()
+
+
+def test_prompt_lookup_baseline_takes_the_first_match():
+    d = PromptLookupDrafter(num_tokens=3)
+    draft = d.propose("r", np.array([1, 2, 3, 4, 5, 9, 2, 3, 7, 2, 3]), 64)
+    assert draft.tokens.tolist() == [4, 5, 9] and draft.is_chain
+    assert len(d.propose("r", np.array([1, 2, 3]), 64)) == 0

@@ -185,3 +185,37 @@ def replay(drafter: Drafter, traces: Sequence[Trace], cost: CostModel | None = N
         res.per_trace.append({"name": trace.name, "tokens_per_forward": s["tokens"] / max(1, s["forwards"]),
                               "speedup": s["ar_s"] / max(1e-12, s["verify_s"] + s["draft_s"])})
     return res
+
+
+class PromptLookupDrafter:
+    """Baseline: HF ``prompt_lookup_num_tokens`` (transformers' PromptLookupCandidateGenerator) as a Drafter.
+
+    The first earlier occurrence of the last ``max_ngram`` .. 1 tokens, and the ``num_tokens`` after it,
+    drafted as a chain on every step whatever it costs.
+    """
+
+    target_topk = 0
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 2) -> None:
+        self.num_tokens = num_tokens
+        self.max_ngram = max_ngram
+
+    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        n = len(context)
+        for size in range(min(self.max_ngram, n - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(context[:-1], size)  # [n - size, size]
+            hits = np.flatnonzero((windows == context[n - size:]).all(axis=1))
+            for start in hits + size:
+                chain = context[start: min(n, start + self.num_tokens, start + max_nodes)]
+                if len(chain):
+                    return Draft.chain(chain)
+        return Draft.empty()
+
+    def observe(self, request_id: str, feedback: Feedback) -> None:
+        pass
+
+    def finish(self, request_id: str) -> None:
+        pass
