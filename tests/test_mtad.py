@@ -5,6 +5,7 @@ sampling in distribution, temperature 0 is plain greedy, seeded runs repeat)."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -315,3 +316,14 @@ def test_methods_registry(target):
         make_drafter("mmtad", target)
     with pytest.raises(ValueError, match="tau"):
         MtadDrafter(target.model, tau=0)
+
+
+def test_cli_generate_json_says_approximate(capsys):
+    from specd.cli import main
+
+    code = main(["generate", "--model", "tiny-llama", "--draft-model", "tiny-llama:1", "--no-chat", "--json",
+                 "--max-new-tokens", "8", "--method", "mmtad", "--temperature", "1", "--seed", "0", "--tau", "0.3",
+                 "--beam-width", "2", "hi"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["stats"]["lossless"] is False and out["stats"]["method"] == "mmtad"
+    assert out["stats"]["new_tokens"] == 8
