@@ -21,7 +21,7 @@ def build_app(args: dict) -> Application:
     trigram = aux = None
     if cfg.trigram_placement == "remote":
         trigram = _deployment(DrafterPool, "TrigramDrafter", cfg.trigram_drafter).bind(conf, "trigram")
-    if cfg.draft_model:
+    if cfg.draft_model and cfg.aux_placement == "remote":
         aux = _deployment(DrafterPool, "AuxDrafter", cfg.aux_drafter).bind(conf, "aux")
     verifier = _deployment(VerifierServer, "Verifier", cfg.verifier).bind(conf, trigram, aux)
     return _deployment(Ingress, "Ingress", cfg.ingress).bind(conf, verifier)

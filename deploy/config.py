@@ -79,6 +79,8 @@ class ServeConfig(BaseModel):
     aux_methods: tuple[str, ...] = Field(("sd", "mtad", "mmtad"), description="Methods served by the auxiliary pool.")
     trigram_placement: Literal["remote", "colocated"] = Field(
         "remote", description="Tri-gram drafter in its own deployment on the draft pool, or inside each verifier.")
+    aux_placement: Literal["remote", "colocated"] = Field(
+        "remote", description="Auxiliary draft model in its own deployment on the draft pool, or inside each verifier.")
     drafter_affinity: bool = Field(
         True, description="Route a request's draft steps to one drafter replica (Serve multiplexed ids).")
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
@@ -112,7 +114,7 @@ class ServeConfig(BaseModel):
         out = {"Ingress": self.ingress, "Verifier": self.verifier}
         if self.trigram_placement == "remote":
             out["TrigramDrafter"] = self.trigram_drafter
-        if self.draft_model:
+        if self.draft_model and self.aux_placement == "remote":
             out["AuxDrafter"] = self.aux_drafter
         return out
 

@@ -56,7 +56,7 @@ def build_drafters(cfg: ServeConfig, methods: Sequence[str], target: LoadedModel
             options.setdefault("store", store)
         try:
             out[method] = make_drafter(method, target, draft, **options)
-        except MethodUnavailable as e:
+        except (MethodUnavailable, FileNotFoundError) as e:  # e.g. not registered yet, or no tri-gram matrix
             log.warning("method %s not served: %s", method, e)
     return out
 

@@ -48,6 +48,8 @@ class VerifierServer:
         self.drafters: dict[str, Drafter] = {"ar": NoDrafter()}
         if cfg.trigram_placement == "colocated":
             self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
+        if cfg.aux_placement == "colocated" and cfg.draft_model:
+            self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model))
         for handle in (trigram, aux):
             if handle is not None:
                 for method, topk in (await handle.info.remote()).items():

@@ -18,6 +18,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--method", dest="default_method", help="default method (default aded; ar until aded is built)")
     s.add_argument("--placement", dest="trigram_placement", choices=["remote", "colocated"],
                    help="tri-gram drafter on the draft pool (remote, default) or inside the verifier")
+    s.add_argument("--aux-placement", choices=["remote", "colocated"],
+                   help="auxiliary draft model on the draft pool (remote, default) or inside the verifier")
     s.add_argument("--redis-url", help="share the adaptive n-gram store through Redis (default: in memory)")
     s.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
@@ -32,7 +34,7 @@ def add_serve_parser(sub) -> None:
 def serve_config(args):
     from deploy.config import load_config
 
-    fields = ("model", "draft_model", "default_method", "trigram_placement", "redis_url", "http_host",
+    fields = ("model", "draft_model", "default_method", "trigram_placement", "aux_placement", "redis_url", "http_host",
               "grpc_port", "http_port")
     return load_config(args.config, **{f: getattr(args, f) for f in fields})
 

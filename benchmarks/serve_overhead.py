@@ -1,0 +1,186 @@
+"""What serving costs: gRPC through Ray Serve vs the embedded engine, and a remote drafter vs a colocated one.
+
+    python benchmarks/serve_overhead.py --model smollm2-135m --method aded --prompts 4 --max-tokens 64 \
+        --out runs/serve_overhead.json
+
+One local Ray cluster runs two apps of the same config that differ only in where the method's drafter
+lives: ``remote`` (its own deployment on the draft pool, one round trip per step) and ``colocated``
+(inside the verifier process). For each prompt, in interleaved order: the embedded engine in this
+process, then each app over gRPC (unary Generate, timed at the client: proxy, routing and serialization
+included), for the method and for plain ``ar``. All greedy: served tokens must equal embedded tokens.
+
+Reported: tokens/s served / embedded (goal >= 0.9x), and the drafter's per-step time (the engine's
+``draft_seconds / target_forwards``) remote vs colocated: the difference is the remote round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from actors.engine import Engine, EngineConfig  # noqa: E402
+from actors.methods import make_drafter  # noqa: E402
+from actors.models import load_model  # noqa: E402
+from actors.sampling import SamplingParams  # noqa: E402
+from deploy import local  # noqa: E402
+from deploy.app import build_app  # noqa: E402
+from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
+from deploy.drafters import build_drafters  # noqa: E402
+from specd.client import SpecdClient  # noqa: E402
+from specd.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--draft-model", help="for an auxiliary-pool method (sd/mtad/mmtad)")
+    p.add_argument("--method", default="aded")
+    p.add_argument("--prompts", type=int, default=4, help="half MT-Bench, half HumanEval (first N/2 of each)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("runs/serve_overhead.json"))
+    return p.parse_args(argv)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def configs(args) -> dict[str, ServeConfig]:
+    """The two apps: the method's drafter on the draft pool, or inside the verifier."""
+    base = dict(model=args.model, draft_model=args.draft_model, default_method="ar", torch_threads=args.torch_threads,
+                http_port=_port(), grpc_port=_port(), max_tokens_limit=max(2048, args.max_tokens),
+                verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
+    aux = args.method in ServeConfig().aux_methods
+    key = "aux_placement" if aux else "trigram_placement"
+    other = "trigram_placement" if aux else "aux_placement"  # the other pool stays out of the way
+    return {p: ServeConfig(name=p, **base, **{key: p, other: "colocated"}) for p in ("remote", "colocated")}
+
+
+def prompts(n: int) -> list[str]:
+    half = max(1, n // 2)
+    return [r["prompt"] for r in mtbench_prompts()[:half]] + [r["prompt"] for r in humaneval_prompts()[: n - half]]
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):  # tiny test models
+        return list(tokenizer(prompt)["input_ids"])[:200]
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def run_embedded(engine, drafter, ids, max_tokens) -> dict:
+    t = time.perf_counter()
+    g = engine.run(ids, SamplingParams(max_new_tokens=max_tokens), drafter)
+    wall = time.perf_counter() - t
+    return _row(g.token_ids, wall, g.stats.target_forwards, g.stats.draft_seconds)
+
+
+def run_served(client, ids, method, max_tokens) -> dict:
+    t = time.perf_counter()
+    r = client.generate(ids, max_tokens=max_tokens, method=method, temperature=0.0)
+    wall = time.perf_counter() - t
+    return _row(list(r.token_ids), wall, r.stats.target_forwards, r.stats.draft_seconds)
+
+
+def _row(tokens, wall, forwards, draft_s) -> dict:
+    return {"tokens": tokens, "seconds": wall, "forwards": forwards, "draft_seconds": draft_s}
+
+
+def summarize(rows: list[dict]) -> dict:
+    n = sum(len(r["tokens"]) for r in rows)
+    secs = sum(r["seconds"] for r in rows)
+    fwd = sum(r["forwards"] for r in rows)
+    return {"tokens": n, "seconds": round(secs, 3), "tokens_per_second": round(n / secs, 3),
+            "tokens_per_forward": round(n / fwd, 3) if fwd else 0.0,
+            "draft_ms_per_step": round(1e3 * sum(r["draft_seconds"] for r in rows) / fwd, 3) if fwd else 0.0}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    cfgs = configs(args)
+    target = load_model(args.model)
+    draft = load_model(args.draft_model) if args.draft_model else None
+    engine = Engine(target, EngineConfig())
+    local_drafters = build_drafters(cfgs["colocated"], [args.method], target, draft)
+    if args.method not in local_drafters:
+        raise SystemExit(f"method {args.method!r} cannot run here (see the warning above)")
+    embedded = {"ar": make_drafter("ar", target), args.method: local_drafters[args.method]}
+    texts = prompts(args.prompts)
+    inputs = [chat_ids(target.tokenizer, p) for p in texts]
+
+    local.start(cfgs["remote"], extra_resources={"verify_pool": 1})
+    try:
+        for cfg in cfgs.values():
+            from ray import serve
+
+            serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix=f"/{cfg.name}")
+        rows = measure(args, cfgs, engine, embedded, inputs)
+    finally:
+        local.stop()
+    report = build_report(args, rows, texts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["summary"], indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def measure(args, cfgs, engine, embedded, inputs) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    port = cfgs["remote"].grpc_port
+    clients = {name: SpecdClient(f"127.0.0.1:{port}", application=name, timeout=600) for name in cfgs}
+    for name, c in clients.items():  # warm-up: first-call costs (routing tables, allocator) stay out
+        run_served(c, inputs[0][:16], args.method, 4)
+    run_embedded(engine, embedded[args.method], inputs[0][:16], 4)
+    for rep in range(args.repeats):
+        for i, ids in enumerate(inputs):
+            for method in (args.method, "ar"):
+                rows.setdefault(f"embedded/{method}", []).append(run_embedded(engine, embedded[method], ids,
+                                                                              args.max_tokens))
+                for name, c in clients.items():
+                    if method == "ar" and name == "colocated":
+                        continue  # ar has no drafter: one served placement is enough
+                    rows.setdefault(f"served-{name}/{method}", []).append(run_served(c, ids, method, args.max_tokens))
+            print(f"repeat {rep + 1} prompt {i + 1}/{len(inputs)} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def build_report(args, rows, texts) -> dict:
+    summary = {k: summarize(v) for k, v in rows.items()}
+    m = args.method
+    emb = summary[f"embedded/{m}"]["tokens_per_second"]
+    identical = {k: all(r["tokens"] == e["tokens"] for r, e in zip(v, rows[f"embedded/{k.split('/')[1]}"]))
+                 for k, v in rows.items() if k.startswith("served")}
+    summary["ratios"] = {
+        f"served-remote/{m} vs embedded": round(summary[f"served-remote/{m}"]["tokens_per_second"] / emb, 3),
+        f"served-colocated/{m} vs embedded": round(summary[f"served-colocated/{m}"]["tokens_per_second"] / emb, 3),
+        "served/ar vs embedded": round(summary["served-remote/ar"]["tokens_per_second"]
+                                       / summary["embedded/ar"]["tokens_per_second"], 3),
+    }
+    summary["remote_drafter_overhead_ms_per_step"] = round(
+        summary[f"served-remote/{m}"]["draft_ms_per_step"] - summary[f"served-colocated/{m}"]["draft_ms_per_step"], 3)
+    summary["greedy_outputs_identical"] = identical
+    return {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+            "prompts": texts, "summary": summary,
+            "runs": {k: [{**r, "tokens": len(r["tokens"])} for r in v] for k, v in rows.items()}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
