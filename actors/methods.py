@@ -40,7 +40,44 @@ def make_drafter(method: str, target: LoadedModel, draft: LoadedModel | None = N
 
         return MtadDrafter(draft.model, gamma=options.get("gamma", 4), beam_width=options.get("beam_width", 4),
                            tau=options.get("tau", 0.5), keep_all_beams=method == "mmtad")
+    if method == "aded":
+        from actors.aded import make_aded_drafter
+
+        ensure_default_matrix(target)
+        return make_aded_drafter(target, store=options.get("store"), config=options.get("aded"))
     raise MethodUnavailable(f"method {method!r} is not available yet")
+
+
+def ensure_default_matrix(target: LoadedModel) -> None:
+    """Build the target's default tri-gram matrix on first use (a minute or two; cached afterwards).
+
+    The seed corpus needs no download: Python's standard library and installed package docs, plus the
+    target's own answers to generic prompts when they ship with specd (SmolLM2's do) or were generated
+    earlier by ``specd ngrams build --generate``.
+    """
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from actors.aded.corpus import build_default_matrix, default_matrix_path, generated_cache_path
+    from actors.aded.prompts import CORPUS_PROMPTS
+
+    if default_matrix_path(target.identity).exists():
+        return
+    shipped = Path(__file__).parent / "aded" / "data" / f"{target.identity}.generated.jsonl"
+    cached = generated_cache_path(target.identity)
+    if shipped.exists() and not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped, cached)
+    have = {json.loads(line)["prompt"] for line in cached.read_text().splitlines()} if cached.exists() else set()
+    complete = have >= set(CORPUS_PROMPTS)  # never generate here: that takes the better part of an hour
+    print(f"building the default tri-gram matrix for {target.name} (one time, ~1-3 min)…", file=sys.stderr)
+    build_default_matrix(target.tokenizer, target.identity, generate_fn=_never if complete else None)
+
+
+def _never(prompt: str) -> str:
+    raise AssertionError("every corpus prompt is cached")
 
 
 def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:

@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     b.set_defaults(func=cmd_bench)
 
+    n = sub.add_parser("ngrams", help="tri-gram matrices for ADED")
+    nsub = n.add_subparsers(dest="ngrams_command", required=True)
+    nb = nsub.add_parser("build", help="build a tri-gram matrix from a corpus (default: the seed corpus)")
+    nb.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to count with")
+    nb.add_argument("--source", action="append", type=Path, default=[],
+                    help="text file, JSONL (text or prompt/response fields) or directory (repeatable)")
+    nb.add_argument("--out", type=Path, help="output .safetensors (default: the model's default matrix)")
+    nb.add_argument("--no-stdlib", action="store_true", help="leave Python's standard library out")
+    nb.add_argument("--generate", action="store_true",
+                    help="add the target's own answers to generic prompts (slow on a CPU; cached)")
+    nb.add_argument("--top-k", type=int, default=12, help="successors kept per bigram")
+    nb.set_defaults(func=cmd_ngrams_build)
+
     m = sub.add_parser("models", help="list or fetch models")
     msub = m.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="known model names and whether they are cached").set_defaults(func=cmd_models_list)
@@ -233,6 +246,24 @@ def cmd_bench(args) -> int:
     from specd.bench_aded import cmd_bench_aded
 
     return cmd_bench_aded(args)
+
+
+def cmd_ngrams_build(args) -> int:
+    from actors.aded.corpus import build_default_matrix, default_matrix_path, hf_chat_generate_fn
+    from actors.models import load_model
+
+    for src in args.source:
+        if not src.exists():
+            raise UsageError(f"corpus source not found: {src}")
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    target = load_model(args.model)
+    out = args.out or default_matrix_path(target.identity)
+    generate = hf_chat_generate_fn(target.model, target.tokenizer) if args.generate else None
+    matrix = build_default_matrix(target.tokenizer, target.identity, args.source, out,
+                                  include_stdlib=not args.no_stdlib, generate_fn=generate, top_k=args.top_k)
+    print(f"wrote {out} ({matrix.num_pairs} bigram contexts)", file=sys.stderr)
+    return 0
 
 
 def cmd_models_list(args) -> int:
