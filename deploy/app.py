@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
-from deploy.config import DeploymentOptions, ServeConfig
+from deploy.config import ServeConfig
 from deploy.ingress import Ingress
 from deploy.pool import DrafterPool
 from deploy.verifier import VerifierServer
@@ -20,12 +20,12 @@ def build_app(args: dict) -> Application:
     conf = cfg.model_dump(mode="json")  # plain data: what replicas receive
     trigram = aux = None
     if cfg.trigram_placement == "remote":
-        trigram = _deployment(DrafterPool, "TrigramDrafter", cfg.trigram_drafter).bind(conf, "trigram")
+        trigram = _deployment(DrafterPool, "TrigramDrafter", cfg).bind(conf, "trigram")
     if cfg.draft_model and cfg.aux_placement == "remote":
-        aux = _deployment(DrafterPool, "AuxDrafter", cfg.aux_drafter).bind(conf, "aux")
-    verifier = _deployment(VerifierServer, "Verifier", cfg.verifier).bind(conf, trigram, aux)
-    return _deployment(Ingress, "Ingress", cfg.ingress).bind(conf, verifier)
+        aux = _deployment(DrafterPool, "AuxDrafter", cfg).bind(conf, "aux")
+    verifier = _deployment(VerifierServer, "Verifier", cfg).bind(conf, trigram, aux)
+    return _deployment(Ingress, "Ingress", cfg).bind(conf, verifier)
 
 
-def _deployment(cls, name: str, opts: DeploymentOptions):
-    return serve.deployment(cls, name=name).options(**opts.serve_options())
+def _deployment(cls, name: str, cfg: ServeConfig):
+    return serve.deployment(cls, name=name).options(**cfg.serve_options(name))

@@ -82,7 +82,7 @@ class ServeConfig(BaseModel):
     aux_placement: Literal["remote", "colocated"] = Field(
         "remote", description="Auxiliary draft model in its own deployment on the draft pool, or inside each verifier.")
     drafter_affinity: bool = Field(
-        True, description="Route a request's draft steps to one drafter replica (Serve multiplexed ids).")
+        True, description="Route all draft steps of a request to one drafter replica (deploy.routing).")
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
     drafter_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
@@ -118,6 +118,15 @@ class ServeConfig(BaseModel):
             out["AuxDrafter"] = self.aux_drafter
         return out
 
+    def serve_options(self, name: str) -> dict[str, Any]:
+        """Serve options of deployment ``name``: its DeploymentOptions plus, for drafter pools, the router."""
+        opts = self.deployments[name].serve_options()
+        if name in ("TrigramDrafter", "AuxDrafter") and self.drafter_affinity:
+            from deploy.routing import ROUTER_CLASS
+
+            opts["request_router_config"] = {"request_router_class": ROUTER_CLASS}
+        return opts
+
     def pool_sizes(self) -> dict[str, float]:
         """Custom resources the deployments ask for at their largest scale (what a local node must offer)."""
         need: dict[str, float] = {}
@@ -142,7 +151,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig
 
 def render_serve_config(cfg: ServeConfig) -> dict[str, Any]:
     """The plain Serve config (`serve run`, KubeRay `serveConfigV2`) for ``cfg``; validates with ServeDeploySchema."""
-    deployments = [{"name": name, **opts.serve_options()} for name, opts in cfg.deployments.items()]
+    deployments = [{"name": name, **cfg.serve_options(name)} for name in cfg.deployments]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http_host, "port": cfg.http_port},

@@ -4,9 +4,9 @@ adapter that implements the ``actors.drafter.Drafter`` protocol over a Serve han
 One remote call per decode step: the adapter piggybacks the previous step's feedback on the next
 ``propose`` (the engine always calls observe -> propose in that order), so a step costs one round trip.
 Each call carries the whole context, so a replica without the request's state (a restart, a scale-in,
-an LRU eviction, a routing miss) rebuilds it with ``start`` and goes on; affinity (Serve's multiplexed
-model id = request id) keeps that rare, which matters because rebuilding folds the prompt's tri-grams
-into the adaptive store a second time.
+an LRU eviction, a routing miss) rebuilds it with ``start`` and goes on; affinity (deploy.routing: the
+request id picks the replica) keeps that rare, which matters because a rebuild costs a re-prefill of a
+draft model, or folds the prompt's tri-grams into the adaptive store a second time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -69,9 +70,10 @@ class _Session:
 class DrafterHost:
     """Runs drafters for many requests in one process (the body of a drafter-pool replica)."""
 
-    def __init__(self, drafters: dict[str, Drafter]) -> None:
+    def __init__(self, drafters: dict[str, Drafter], max_sessions: int = 64) -> None:
         self.drafters = drafters
-        self.sessions: dict[str, _Session] = {}
+        self.max_sessions = max_sessions  # bounds the states of requests whose finish never arrived
+        self.sessions: OrderedDict[str, tuple[str, _Session]] = OrderedDict()  # id -> (method, state), oldest first
         self.rebuilds = 0
         self._lock = threading.Lock()
 
@@ -82,8 +84,11 @@ class DrafterHost:
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
         drafter = self.drafters[req.method]
         rid = req.request_id
-        session = self.sessions.get(rid)
+        session = self.sessions.get(rid, (None, None))[1]
         rebuilt = session is None
+        if not rebuilt:
+            with self._lock:
+                self.sessions.move_to_end(rid)
         if rebuilt:
             session = self._start(drafter, req)
         elif req.HasField("feedback") and session.last_draft is not None:
@@ -91,17 +96,22 @@ class DrafterHost:
         session.last_draft = drafter.propose(rid, np.asarray(req.context, np.int64), req.max_nodes)
         return pb.DraftStepResponse(draft=draft_to_proto(session.last_draft), rebuilt=rebuilt)
 
-    def finish(self, request_id: str, method: str) -> None:
+    def finish(self, request_id: str) -> None:
         with self._lock:
-            if self.sessions.pop(request_id, None) is not None:
-                self.drafters[method].finish(request_id)
+            method, _ = self.sessions.pop(request_id, (None, None))
+        if method is not None:
+            self.drafters[method].finish(request_id)
 
     def _start(self, drafter: Drafter, req: pb.DraftStepRequest) -> _Session:
         prompt = list(req.context[: max(1, req.prompt_len)])
         drafter.start(req.request_id, prompt, params_from_step(req))
         with self._lock:
             self.rebuilds += req.prompt_len < len(req.context)  # a first step is a start, not a rebuild
-            return self.sessions.setdefault(req.request_id, _Session())
+            self.sessions[req.request_id] = (req.method, session := _Session())
+            evict = next(iter(self.sessions)) if len(self.sessions) > self.max_sessions else None
+        if evict is not None:
+            self.finish(evict)
+        return session
 
 
 @dataclass
@@ -141,7 +151,7 @@ class RemoteDrafter:
 
     def finish(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
-            self._handle(request_id).finish.remote(request_id, self.method)  # fire and forget
+            self._handle(request_id).finish.remote(request_id)  # fire and forget: same route as the steps
 
     def _handle(self, request_id: str):
         return self.handle.options(multiplexed_model_id=request_id) if self.affinity else self.handle

@@ -22,8 +22,12 @@ RAY_ENV = {
 
 
 def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, float] | None = None,
-          object_store_mb: int = 256, temp_dir: str | None = None) -> None:
-    """Start Ray with the pools ``cfg`` needs (plus ``extra_resources``) and Serve with both proxies."""
+          object_store_mb: int = 256, temp_dir: str | None = None, metrics_port: int | None = None) -> None:
+    """Start Ray with the pools ``cfg`` needs (plus ``extra_resources``) and Serve with both proxies.
+
+    ``metrics_port``: where this node's Prometheus endpoint serves the ``specd:`` metrics (Ray prefixes
+    them ``ray_``); None lets Ray pick.
+    """
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     resources = cfg.pool_sizes()
@@ -32,7 +36,7 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
     ray.init(num_cpus=num_cpus, resources=resources, object_store_memory=object_store_mb << 20,
              _temp_dir=temp_dir or tempfile.mkdtemp(prefix="specd-ray-", dir="/tmp"),
              _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+             log_to_driver=False, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
                 grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)))
 

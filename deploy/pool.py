@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import torch
-from ray import serve
-
 from actors.models import load_model
 from deploy.config import ServeConfig
 from deploy.drafters import DrafterHost, build_drafters
 from deploy.metrics import pool_metrics
 from specd.v1 import specd_pb2 as pb
-
-
-class _Pin:
-    """A request's slot in Serve's multiplexed-model LRU: it makes the router send the request's later
-    steps to this replica; evicting it drops the request's drafter state."""
-
-    def __init__(self, host: DrafterHost, request_id: str) -> None:
-        self.host, self.request_id = host, request_id
-
-    def __del__(self) -> None:
-        for method in self.host.drafters:
-            self.host.finish(self.request_id, method)
 
 
 class DrafterPool:
@@ -32,17 +18,8 @@ class DrafterPool:
         aux = role == "aux"
         draft = load_model(cfg.draft_model) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods
-        self.host = DrafterHost(build_drafters(cfg, methods, target, draft))
-        self.affinity = cfg.drafter_affinity
+        self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions)
         self.metrics = pool_metrics(role)
-        host = self.host
-
-        # A plain function: Serve's multiplex decorator keeps its state on the function object.
-        @serve.multiplexed(max_num_models_per_replica=cfg.drafter_sessions)
-        async def pin(request_id: str) -> _Pin:
-            return _Pin(host, request_id)
-
-        self._pin = pin
 
     def info(self) -> dict[str, int]:
         return self.host.info()
@@ -50,16 +27,14 @@ class DrafterPool:
     async def step(self, payload: bytes) -> bytes:
         """One DraftStepRequest -> DraftStepResponse (serialized: the contract, and cheap to move)."""
         req = pb.DraftStepRequest.FromString(payload)
-        if self.affinity:
-            await self._pin(req.request_id)
         # Inline on the event loop: a draft is milliseconds of Python; a thread hop would cost as much.
         reply = self.host.step(req)
         if reply.rebuilt and req.prompt_len < len(req.context):
             self.metrics.rebuilds.inc()
         return reply.SerializeToString()
 
-    async def finish(self, request_id: str, method: str) -> None:
-        self.host.finish(request_id, method)
+    async def finish(self, request_id: str) -> None:
+        self.host.finish(request_id)
 
     def stats(self) -> dict[str, int]:
         return {"sessions": len(self.host.sessions), "rebuilds": self.host.rebuilds}

@@ -25,6 +25,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     s.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
     s.add_argument("--num-cpus", type=float, default=2, help="CPUs Ray may use (default 2)")
+    s.add_argument("--metrics-port", type=int, default=8080,
+                   help="Prometheus endpoint of this node (specd: metrics, prefixed ray_; default 8080)")
     s.add_argument("--print-serve-config", action="store_true",
                    help="print the plain `serve run` / KubeRay serveConfigV2 YAML for this config and exit")
     s.add_argument("--demo", action="store_true", help="send one demo request once the server is up")
@@ -54,12 +56,13 @@ def cmd_serve(args) -> int:
     # SIGTERM (docker stop, kill) shuts down like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        local.start(cfg, num_cpus=args.num_cpus)
+        local.start(cfg, num_cpus=args.num_cpus, metrics_port=args.metrics_port)
         local.deploy(cfg)
         grpc_addr = f"{cfg.http_host}:{cfg.grpc_port}"
+        _announce_methods(cfg, grpc_addr)
         print(f"specd serving {cfg.model}: gRPC {grpc_addr} (specd.v1.Specd, grpc.health.v1), "
               f"HTTP http://{cfg.http_host}:{cfg.http_port} (/v1/completions, /v1/chat/completions, /health). "
-              "Ctrl-C to stop.", file=sys.stderr, flush=True)
+              f"Metrics http://127.0.0.1:{args.metrics_port}/metrics. Ctrl-C to stop.", file=sys.stderr, flush=True)
         if args.demo:
             _demo(grpc_addr)
         while True:
@@ -69,6 +72,16 @@ def cmd_serve(args) -> int:
     finally:
         local.stop()
     return 0
+
+
+def _announce_methods(cfg, target: str) -> None:
+    from specd.client import SpecdClient
+
+    with SpecdClient(target, application=cfg.name) as c:
+        m = c.models()
+    note = "" if m.default_method == cfg.default_method else f" ({cfg.default_method} cannot run: see the replica logs)"
+    print(f"methods: {', '.join(x.name for x in m.methods)}; default {m.default_method}{note}", file=sys.stderr,
+          flush=True)
 
 
 def _demo(target: str) -> None:

@@ -67,3 +67,15 @@ def test_load_config_file_with_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"model": "tiny-llama", "grpc_port": 9100}))
     cfg = load_config(path, grpc_port=None, default_method="ar")
     assert (cfg.model, cfg.grpc_port, cfg.default_method) == ("tiny-llama", 9100, "ar")
+
+
+def test_affinity_router_is_stable_and_moves_only_lost_keys():
+    from deploy.routing import rendezvous_order
+
+    replicas = ["r1", "r2", "r3"]
+    owner = {k: replicas[rendezvous_order(k, replicas)[0]] for k in (f"req-{i}" for i in range(300))}
+    assert owner == {k: replicas[rendezvous_order(k, replicas)[0]] for k in owner}  # deterministic
+    assert set(owner.values()) == set(replicas)  # spread over every replica
+    fewer = ["r1", "r3"]
+    moved = {k for k in owner if fewer[rendezvous_order(k, fewer)[0]] != owner[k]}
+    assert moved == {k for k, r in owner.items() if r == "r2"}  # only r2's requests move

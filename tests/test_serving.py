@@ -105,7 +105,7 @@ def test_pools_hold_replicas_and_overflow_stays_pending(served):
         serve.delete("overflow")
 
 
-def test_eight_concurrent_streams(client, reference):
+def test_eight_concurrent_streams(served, client, reference):
     results: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
@@ -121,6 +121,10 @@ def test_eight_concurrent_streams(client, reference):
     assert len(results) == 8
     for i, (tokens, reason) in results.items():
         assert tokens == reference[PROMPTS[i % len(PROMPTS)]] and reason == pb.FINISH_REASON_LENGTH
+    # Affinity: every step of a request met its state on the replica that started it (no rebuilds);
+    # unkeyed calls land on random replicas, so 20 of them see both.
+    pool = serve.get_deployment_handle("AuxDrafter", served.name)
+    assert {pool.stats.remote().result()["rebuilds"] for _ in range(20)} == {0}
 
 
 BAD = {
@@ -148,7 +152,7 @@ def test_bad_requests_are_invalid_argument(client, case):
 
 
 def test_cancelled_stream_frees_the_sequence(served, client):
-    stream = client.stream("cancel me", max_tokens=256, ignore_eos=True, method="sd")
+    stream = client.stream("cancel me", max_tokens=256, ignore_eos=True, method="sd", request_id="cancel-1")
     next(stream)
     next(stream)
     stream.close()  # cancels the RPC
@@ -157,6 +161,11 @@ def test_cancelled_stream_frees_the_sequence(served, client):
     while verifier.live_requests.remote().result() and time.time() < deadline:
         time.sleep(0.2)
     assert verifier.live_requests.remote().result() == 0
+    # The drafter replica that held the request (reached through the same affinity id) dropped its state.
+    pool = serve.get_deployment_handle("AuxDrafter", served.name).options(multiplexed_model_id="cancel-1")
+    while pool.stats.remote().result()["sessions"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert pool.stats.remote().result()["sessions"] == 0
 
 
 def test_health_serving(served):
