@@ -73,6 +73,9 @@ class _Request:
 
 
 class AdedDrafter:
+    """Per step: candidates from the request's own context, earlier requests and the n-gram model (best
+    first or MCTS) merge into one trie; calibrated acceptance estimates rank it; the cost curve cuts it."""
+
     def __init__(self, matrix: TrigramMatrix, store: NGramStore, config: AdedConfig | None = None,
                  cost_model: CostModel | None = None) -> None:
         self.config = config or AdedConfig()
@@ -105,8 +108,8 @@ class AdedDrafter:
         calibrator = self.calibrators[state.greedy]
         trie = self._candidates(ctx, state, calibrator)
         tokens, parents, probs, buckets = trie.ranked(calibrator.estimates(), calibrator.agree_offset)
-        cap = min(max_nodes, self.config.budget.max_nodes)
         budget = self.config.budget
+        cap = min(max_nodes, budget.max_nodes)
         # Decayed every step, drafted or not: a request that stopped drafting drifts back and tries again.
         state.predicted *= budget.request_decay
         state.realised *= budget.request_decay
@@ -150,7 +153,8 @@ class AdedDrafter:
     def _candidates(self, ctx: np.ndarray, state: _Request, calibrator: Calibrator) -> CandidateTrie:
         """All sources' candidate paths below the pending token, merged into one trie."""
         trie = CandidateTrie()
-        for source, chains in ((SUFFIX, suffix_chains(ctx, self.config.suffix)), (HISTORY, self.history.chains(ctx))):
+        sources = ((SUFFIX, suffix_chains(ctx, self.config.suffix)), (HISTORY, self.history.chains(ctx)))
+        for source, chains in sources:
             for match_len, chain in chains:
                 parent = -1
                 for depth, tok in enumerate(chain.tolist(), start=1):
