@@ -281,3 +281,12 @@ def test_prompt_lookup_baseline_takes_the_first_match():
     draft = d.propose("r", np.array([1, 2, 3, 4, 5, 9, 2, 3, 7, 2, 3]), 64)
     assert draft.tokens.tolist() == [4, 5, 9] and draft.is_chain
     assert len(d.propose("r", np.array([1, 2, 3]), 64)) == 0
+
+
+def test_shipped_smollm2_traces_load():
+    from actors.aded.simulator import load_traces, shipped_traces
+
+    path = shipped_traces("237d1306abb03682")
+    traces = load_traces(path)
+    assert len(traces) == 20 and all(len(t.topk) == len(t.output_ids) for t in traces)
+    assert shipped_traces("no-such-tokenizer") is None

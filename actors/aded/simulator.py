@@ -49,6 +49,12 @@ class Trace:
     name: str = ""
 
 
+def shipped_traces(identity: str) -> Path | None:
+    """Recorded greedy traces of a target on ``TUNING_PROMPTS`` shipped with specd (SmolLM2's), if any."""
+    path = Path(__file__).parent / "data" / f"{identity}.tuning-traces.jsonl"
+    return path if path.exists() else None
+
+
 def save_traces(traces: Sequence[Trace], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
