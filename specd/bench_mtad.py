@@ -203,6 +203,10 @@ def _plot(summary: dict, path: Path) -> None:
                    label=f"T = {temperature}")
             ax.set_xticks([x + width * (len(summary) - 1) / 2 for x in range(len(names))], names)
         ax.set_title(label, fontsize=10)
+        if key == "perplexity":
+            ax.set_ylim(bottom=1.0)  # the floor of any perplexity: bars from 0 would hide the differences
+        if key == "pass_at_1":
+            ax.set_ylim(0.0, 1.0)
     axes[0].legend(fontsize=8)
     fig.suptitle("MTAD / MMTAD (approximate) vs ar and sd (exact): qwen2.5-coder 1.5B target, 0.5B draft", fontsize=10)
     fig.tight_layout()
