@@ -72,6 +72,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("specd", description="Serve application name (also the gRPC `application` metadata value).")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the app (one app per prefix).")
     model: str = Field(DEFAULT_MODEL, description="Target model name or path (actors.models.load_model).")
     draft_model: str | None = Field(None, description="Auxiliary draft model for sd/mtad/mmtad (same tokenizer).")
     default_method: str = Field("aded", description="Method for requests that name none; 'ar' if it cannot run.")
@@ -158,7 +159,7 @@ def render_serve_config(cfg: ServeConfig) -> dict[str, Any]:
         "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)},
         "applications": [{
             "name": cfg.name,
-            "route_prefix": "/",
+            "route_prefix": cfg.route_prefix,
             "import_path": APP_IMPORT_PATH,
             "args": cfg.model_dump(mode="json"),
             "deployments": deployments,

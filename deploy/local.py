@@ -43,7 +43,7 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
 
 def deploy(cfg: ServeConfig):
     """Run the app built from ``cfg`` and wait until it is RUNNING; returns the ingress handle."""
-    return serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/")
+    return serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix=cfg.route_prefix)
 
 
 def stop() -> None:

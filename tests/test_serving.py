@@ -17,13 +17,14 @@ import requests
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from actors.drafter import NoDrafter  # noqa: E402
 from actors.engine import Engine  # noqa: E402
 from actors.models import load_model  # noqa: E402
 from actors.sampling import SamplingParams  # noqa: E402
 from deploy import local  # noqa: E402
-from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
+from deploy.config import DeploymentOptions, ServeConfig, render_serve_config  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
 from specd.v1 import specd_pb2 as pb  # noqa: E402
 
@@ -209,13 +210,15 @@ def _sse(response) -> list:
 
 
 @pytest.mark.smollm2
-def test_smollm2_chat_over_grpc_and_openai(served, smollm2):
-    """SmolLM2 as a second app (tri-gram drafter colocated): chat greedy output equals the embedded engine."""
-    cfg = ServeConfig(name="smol", model="smollm2-135m", torch_threads=1, trigram_placement="colocated",
+def test_smollm2_from_the_rendered_config(served, smollm2):
+    """SmolLM2 as a second app, deployed declaratively from render_serve_config (KubeRay's path), tri-gram
+    drafter colocated: chat greedy output over gRPC and OpenAI SSE equals the embedded engine."""
+    cfg = ServeConfig(name="smol", route_prefix="/smol", model="smollm2-135m", torch_threads=1,
+                      trigram_placement="colocated", grpc_port=served.grpc_port, http_port=served.http_port,
                       verifier=DeploymentOptions(num_cpus=0.2, resources={"verify_pool": 1}))
-    from deploy.app import build_app
-
-    serve.run(build_app(cfg.model_dump(mode="json")), name="smol", route_prefix="/smol")
+    both = render_serve_config(served)
+    both["applications"] += render_serve_config(cfg)["applications"]
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(both), _blocking=True)
     try:
         messages = [{"role": "user", "content": "Name three colors."}]
         ids = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
