@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-engine_mod = pytest.importorskip("actors.engine")
-models = pytest.importorskip("actors.models")
-
-from actors.aded.drafter import AdedConfig, AdedDrafter  # noqa: E402
-from actors.aded.simulator import smollm2_cpu_cost  # noqa: E402
-from actors.aded.trigram import build_matrix  # noqa: E402
-from actors.cost import CostModel  # noqa: E402
-from actors.drafter import NoDrafter  # noqa: E402
-from actors.sampling import SamplingParams, warp  # noqa: E402
-from shared_state import MemoryStore, StoreConfig  # noqa: E402
+import actors.engine as engine_mod
+import actors.models as models
+from actors.aded.drafter import AdedConfig, AdedDrafter
+from actors.aded.simulator import smollm2_cpu_cost
+from actors.aded.trigram import build_matrix
+from actors.cost import CostModel
+from actors.drafter import NoDrafter
+from actors.sampling import SamplingParams
+from shared_state import MemoryStore, StoreConfig
+from specd_testing import exact_pair_distribution
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
@@ -64,14 +63,7 @@ def test_sampled_output_has_target_distribution(engine, target, matrix):
 
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, ignore_eos=True)
     prompt = [5, 17, 99]
-    with torch.inference_mode():
-        p0 = warp(target.model(torch.tensor([prompt])).logits[0, -1], params)
-        cells, expected = [], []
-        for a in torch.nonzero(p0).flatten().tolist():
-            p1 = warp(target.model(torch.tensor([prompt + [a]])).logits[0, -1], params)
-            for b in torch.nonzero(p1).flatten().tolist():
-                cells.append((a, b))
-                expected.append(float(p0[a] * p1[b]))
+    cells, expected = exact_pair_distribution(target.model, prompt, params)
     # Teach the store the likeliest continuation so drafts are non-empty and often (not always) right.
     store = MemoryStore(StoreConfig(namespace="tiny"))
     a0 = max(cells, key=lambda c: expected[cells.index(c)])

@@ -10,9 +10,9 @@ from scipy.stats import chisquare
 from actors.drafter import NoDrafter
 from actors.engine import Engine
 from actors.models import LoadedModel, load_model
-from actors.sampling import SamplingParams, warp
+from actors.sampling import SamplingParams
 from actors.sd import ModelDrafter
-from testing_drafters import TreeDrafter
+from specd_testing import TreeDrafter, exact_pair_distribution
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
@@ -79,14 +79,7 @@ def _sample_pairs(engine, drafter, n, params):
 def test_sampled_output_has_target_distribution(engine, target, kind):
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, ignore_eos=True)
     prompt = [5, 17, 99]
-    with torch.inference_mode():
-        p0 = warp(target.model(torch.tensor([prompt])).logits[0, -1], params)
-        cells, expected = [], []
-        for a in torch.nonzero(p0).flatten().tolist():
-            p1 = warp(target.model(torch.tensor([prompt + [a]])).logits[0, -1], params)
-            for b in torch.nonzero(p1).flatten().tolist():
-                cells.append((a, b))
-                expected.append(float(p0[a] * p1[b]))
+    cells, expected = exact_pair_distribution(target.model, prompt, params)
     drafter = ModelDrafter(load_model("tiny-llama:1").model, gamma=1) if kind == "sd" else \
         TreeDrafter(259, seed=0, mode="tree", oracle=[c[0] for c in cells] * 10)
     n = 3000

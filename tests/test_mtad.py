@@ -22,6 +22,7 @@ from actors.models import load_model
 from actors.mtad import BeamTree, MtadDrafter, beam_sample
 from actors.sampling import SamplingParams, warp
 from actors.sd import sync_to_context
+from specd_testing import exact_pair_distribution
 
 NEG = -math.inf
 V = 4
@@ -262,13 +263,7 @@ def test_infinite_tau_accepts_nothing_and_samples_the_target(engine, target, aux
     """tau = inf: the first two tokens follow the target's own law (chi-square over the top_k^2 pairs)."""
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, ignore_eos=True)
     prompt = [5, 17, 99]
-    p0 = warp(_fresh_logits(target.model, prompt), params)
-    cells, expected = [], []
-    for a in torch.nonzero(p0).flatten().tolist():
-        p1 = warp(_fresh_logits(target.model, prompt + [a]), params)
-        for b in torch.nonzero(p1).flatten().tolist():
-            cells.append((a, b))
-            expected.append(float(p0[a] * p1[b]))
+    cells, expected = exact_pair_distribution(target.model, prompt, params)
     drafter = make_drafter("mtad", target, aux, gamma=1, beam_width=2, tau=math.inf)
     n, pairs, accepted = 1500, [], 0
     for s in range(n):

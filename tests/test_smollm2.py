@@ -7,7 +7,7 @@ from actors.engine import Engine
 from actors.sampling import SamplingParams
 from actors.sd import ModelDrafter
 from specd.cli import encode_prompt
-from testing_drafters import TreeDrafter
+from specd_testing import TreeDrafter
 
 pytestmark = pytest.mark.smollm2
 

@@ -1,11 +1,13 @@
-"""Drafters for engine tests: random trees, and an oracle that knows the answer (with noise)."""
+"""Shared test helpers: drafters (random trees, a noisy oracle) and exact target distributions."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from actors.draft import Draft
 from actors.drafter import Feedback
+from actors.sampling import SamplingParams, warp
 
 
 class TreeDrafter:
@@ -49,3 +51,16 @@ class TreeDrafter:
 
     def finish(self, request_id):
         pass
+
+
+@torch.inference_mode()
+def exact_pair_distribution(model, prompt: list[int], params: SamplingParams) -> tuple[list[tuple[int, int]], list[float]]:
+    """Every possible (first, second) output token pair under ``params`` and its exact probability."""
+    p0 = warp(model(torch.tensor([prompt])).logits[0, -1], params)
+    cells, probs = [], []
+    for a in torch.nonzero(p0).flatten().tolist():
+        p1 = warp(model(torch.tensor([prompt + [a]])).logits[0, -1], params)
+        for b in torch.nonzero(p1).flatten().tolist():
+            cells.append((a, b))
+            probs.append(float(p0[a] * p1[b]))
+    return cells, probs
