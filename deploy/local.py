@@ -25,7 +25,7 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
           object_store_mb: int = 256, temp_dir: str | None = None, metrics_port: int | None = None) -> None:
     """Start Ray with the pools ``cfg`` needs (plus ``extra_resources``) and Serve with both proxies.
 
-    ``metrics_port``: where this node's Prometheus endpoint serves the ``specd:`` metrics (Ray prefixes
+    ``metrics_port``: where this node's Prometheus endpoint serves the ``specd_*`` metrics (Ray prefixes
     them ``ray_``); None lets Ray pick.
     """
     for key, value in RAY_ENV.items():

@@ -1,13 +1,13 @@
 """Prometheus metrics through Ray Serve (exported by every Ray node's metrics agent, tagged with the
-deployment and replica), named like vLLM's with a ``specd:`` prefix so its dashboards carry over.
+application, deployment and replica), named like vLLM's: ``vllm:<name>`` here is ``specd_<name>``, and
+Prometheus shows it as ``ray_specd_<name>`` (Ray prefixes application metrics with ``ray_``).
 
-Ray 2.60 warns that ``:`` in metric names is deprecated (FutureWarning); vLLM's names use it, so we
-keep it and silence that one warning. ``PREFIX`` is the single place to change if Ray makes it an error.
+Why not ``specd:``: Ray 2.60 records metrics through OpenTelemetry, whose instrument names may not
+contain ``:``; such metrics are accepted with a deprecation warning and then silently never exported.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -15,16 +15,14 @@ from ray.serve import metrics
 
 from actors.engine import GenerationStats
 
-PREFIX = "specd:"
+PREFIX = "specd_"
 # Seconds; TTFT spans prefill (tens of ms to seconds on CPU), ITL one decode step per token.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 
 
 def _make(kind, name: str, description: str, tags: tuple[str, ...] = (), **kw):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*contains a : character.*", category=FutureWarning)
-        return kind(PREFIX + name, description=description, tag_keys=tags, **kw)
+    return kind(PREFIX + name, description=description, tag_keys=tags, **kw)
 
 
 @dataclass

@@ -26,7 +26,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
     s.add_argument("--num-cpus", type=float, default=2, help="CPUs Ray may use (default 2)")
     s.add_argument("--metrics-port", type=int, default=8080,
-                   help="Prometheus endpoint of this node (specd: metrics, prefixed ray_; default 8080)")
+                   help="Prometheus endpoint of this node (ray_specd_* metrics; default 8080)")
     s.add_argument("--print-serve-config", action="store_true",
                    help="print the plain `serve run` / KubeRay serveConfigV2 YAML for this config and exit")
     s.add_argument("--demo", action="store_true", help="send one demo request once the server is up")
@@ -70,6 +70,9 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         print("shutting down…", file=sys.stderr, flush=True)
     finally:
+        # A second Ctrl-C (or the SIGTERM that follows it) must not cut the shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         local.stop()
     return 0
 

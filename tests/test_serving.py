@@ -38,6 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()  # the node's Prometheus endpoint (a Ray setting, not part of ServeConfig)
+
+
 @pytest.fixture(scope="session")
 def served():
     cfg = ServeConfig(
@@ -48,7 +51,7 @@ def served():
                                                        "target_ongoing_requests": 8}),
         aux_drafter=DeploymentOptions(num_replicas=2, num_cpus=0.1, resources={"draft_pool": 1}),
     )
-    local.start(cfg, extra_resources={"verify_pool": 1})
+    local.start(cfg, extra_resources={"verify_pool": 1}, metrics_port=METRICS_PORT)
     try:
         local.deploy(cfg)
         yield cfg
@@ -207,6 +210,18 @@ def _sse(response) -> list:
             data = line.removeprefix("data: ")
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def test_metrics_are_exported(served, client):
+    client.generate("count me", max_tokens=8, method="sd", ignore_eos=True)
+    names = {"ray_specd_generation_tokens_total", "ray_specd_time_to_first_token_seconds_bucket",
+             "ray_specd_spec_decode_num_draft_tokens_total", "ray_specd_request_success_total"}
+    deadline, found = time.time() + 40, set()
+    while time.time() < deadline and not names <= found:  # replicas push every few seconds
+        text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_specd_")}
+        time.sleep(2)
+    assert names <= found
 
 
 @pytest.mark.smollm2
