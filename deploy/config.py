@@ -37,7 +37,8 @@ class DeploymentOptions(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests one replica accepts.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractional: this is a scheduling hint).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (production pools).")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (the pool).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica (the pool).")
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -89,7 +90,7 @@ class ServeConfig(BaseModel):
         default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
     redis_url: str | None = Field(None, description="Shared n-gram store; None = in-memory store per process.")
     redis_url_env: str | None = Field(
-        None, description="Name of an environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
+        None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads per model replica.")

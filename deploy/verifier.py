@@ -73,10 +73,13 @@ class VerifierServer:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
         arrived = time.perf_counter()
         ids, drafter, method = self._prepare(req)
+        if req.request_id in self.live:  # drafter state and KV cache are keyed by it
+            raise RequestError(f"request_id {req.request_id!r} is already generating")
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         self.live.add(req.request_id)
         self.metrics.running.set(len(self.live))
-        self.executor.submit(self._drive, ids, req, drafter, method, lambda x: loop.call_soon_threadsafe(queue.put_nowait, x), stop)
+        emit = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the thread
+        self.executor.submit(self._drive, ids, req, drafter, method, emit, stop)
         last, prev = None, arrived
         try:
             while (item := await queue.get()) is not _END:
