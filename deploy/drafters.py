@@ -84,11 +84,11 @@ class DrafterHost:
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
         drafter = self.drafters[req.method]
         rid = req.request_id
-        session = self.sessions.get(rid, (None, None))[1]
+        with self._lock:
+            session = self.sessions.get(rid, (None, None))[1]
+            if session is not None:
+                self.sessions.move_to_end(rid)  # least recently stepped goes first when over max_sessions
         rebuilt = session is None
-        if not rebuilt:
-            with self._lock:
-                self.sessions.move_to_end(rid)
         if rebuilt:
             session = self._start(drafter, req)
         elif req.HasField("feedback") and session.last_draft is not None:
