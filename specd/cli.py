@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = msub.add_parser("fetch", help="download and convert a model into the cache")
     f.add_argument("name")
     f.set_defaults(func=cmd_models_fetch)
+
+    k = sub.add_parser("k8s", help="Kubernetes (KubeRay RayService) manifests")
+    ksub = k.add_subparsers(dest="k8s_command", required=True)
+    kr = ksub.add_parser("render", help="render k8s/overlays/*/rayservice.yaml and k8s/rendered/*.yaml")
+    kr.add_argument("--overlay", action="append", choices=["dev", "prod"], help="overlay (repeatable; default all)")
+    kr.set_defaults(func=cmd_k8s_render)
     return p
 
 
@@ -279,6 +285,14 @@ def cmd_models_fetch(args) -> int:
 
     path = fetch_model(args.name)
     print(f"{args.name}: cached at {path}")
+    return 0
+
+
+def cmd_k8s_render(args) -> int:
+    from deploy.k8s import OVERLAYS, render
+
+    for path in render(overlays=tuple(args.overlay or OVERLAYS)):
+        print(f"wrote {path}")
     return 0
 
 
