@@ -118,9 +118,7 @@ def _no_unknown_fields(schema):
     return schema
 
 
-@pytest.fixture(scope="module")
-def rayservice_schema() -> dict:
-    path = Path(os.environ.get(CRD_ENV, CRD_DEFAULT))
+def load_rayservice_schema(path: Path) -> dict:
     if not path.is_file():
         where = "in CI" if os.environ.get("CI") else "locally"
         pytest.fail(f"KubeRay RayService CRD not found at {path} ({where}); set {CRD_ENV} to its JSON copy",
@@ -129,6 +127,16 @@ def rayservice_schema() -> dict:
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     assert crd["spec"]["names"]["kind"] == "RayService" and v1["served"]
     return _no_unknown_fields(v1["schema"]["openAPIV3Schema"])
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema() -> dict:
+    return load_rayservice_schema(Path(os.environ.get(CRD_ENV, CRD_DEFAULT)))
+
+
+def test_a_missing_crd_fails_instead_of_skipping(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="CRD not found"):
+        load_rayservice_schema(tmp_path / "missing.json")
 
 
 @OVERLAYS
