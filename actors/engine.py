@@ -10,10 +10,10 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
 from actors.detok import Detokenizer, find_stop
@@ -28,6 +28,17 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Hard cap on draft nodes verified per step.")
+    backend: Literal["plain", "deepspeed"] = Field(
+        "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel ranks of the deepspeed backend (rank 0 runs the engine).")
+    tp_heartbeat_s: float = Field(
+        10.0, gt=0, description="An idle TP leader pings its followers this often (below the group's timeout).")
+
+    @model_validator(mode="after")
+    def _tp_needs_deepspeed(self) -> EngineConfig:
+        if self.tp_size > 1 and self.backend != "deepspeed":
+            raise ValueError("tp_size > 1 needs backend 'deepspeed'")
+        return self
 
 
 @dataclass
@@ -91,8 +102,13 @@ class _Request:
 class Engine:
     def __init__(self, target: LoadedModel, config: EngineConfig | None = None) -> None:
         self.target = target
-        self.config = config or EngineConfig()
-        self.verifier = Verifier(target.model)
+        self.config = cfg = config or EngineConfig()
+        if cfg.backend == "plain":
+            self.verifier = Verifier(target.model)
+        else:
+            from actors.tp import deepspeed_verifier  # imports deepspeed
+
+            self.verifier = deepspeed_verifier(target.model, cfg.tp_size, cfg.tp_heartbeat_s)
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter, request_id: str | None = None
@@ -111,6 +127,11 @@ class Engine:
                     return
         finally:
             drafter.finish(req.id)
+            self.verifier.finish(req.seq)
+
+    def close(self) -> None:
+        """Release the verifier (a tensor-parallel leader stops its follower ranks)."""
+        self.verifier.close()
 
     def run(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter) -> Generation:
         ids, text, reason, stats = [], [], "length", GenerationStats()
@@ -123,7 +144,11 @@ class Engine:
     def _start(self, prompt: list[int], params: SamplingParams, drafter: Drafter, rid: str) -> _Request:
         seq = self.verifier.start(prompt)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        drafter.start(rid, prompt, params)
+        try:
+            drafter.start(rid, prompt, params)
+        except BaseException:
+            self.verifier.finish(seq)
+            raise
         stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")
         gen = torch.Generator().manual_seed(seed)
         return _Request(rid, params, drafter, seq, gen, Detokenizer(self.target.tokenizer), stats)

@@ -30,9 +30,9 @@ class KVSequence:
     @torch.inference_mode()
     def extend(self, ids: list[int]) -> torch.Tensor:
         """Causal forward of ``ids`` after the cache; returns their logits [len(ids), vocab]."""
-        start = len(self.cached_ids)
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        positions = torch.arange(start, start + len(ids)).unsqueeze(0)
+        start, device = len(self.cached_ids), self.model.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
         out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
         self.cached_ids.extend(ids)
         return out.logits[0]
@@ -45,16 +45,16 @@ class KVSequence:
         entries in node order; :meth:`keep_path` then keeps the accepted ones.
         """
         start, n = len(self.cached_ids), len(tokens)
-        dtype = self.model.dtype
+        dtype, device = self.model.dtype, self.model.device
         allowed = torch.ones(1 + n, start + 1 + n, dtype=torch.bool)
         allowed[:, start:] = tree_attention_mask(parents)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        input_ids = torch.tensor([[root, *tokens.tolist()]], dtype=torch.long)
-        positions = torch.from_numpy(np.concatenate([[0], depths]) + start).unsqueeze(0)
+        input_ids = torch.tensor([[root, *tokens.tolist()]], dtype=torch.long, device=device)
+        positions = torch.from_numpy(np.concatenate([[0], depths]) + start).unsqueeze(0).to(device)
         out = self.model(
             input_ids=input_ids,
             position_ids=positions,
-            attention_mask=mask[None, None],  # [1, 1, 1 + n, kv]
+            attention_mask=mask[None, None].to(device),  # [1, 1, 1 + n, kv]
             past_key_values=self.cache,
             use_cache=True,
         )
@@ -73,6 +73,7 @@ class KVSequence:
             return
         keep = torch.tensor(list(range(base)) + [base + i for i in nodes], dtype=torch.long)
         for layer in self.cache.layers:
+            keep = keep.to(layer.keys.device)
             layer.keys = layer.keys.index_select(-2, keep)
             layer.values = layer.values.index_select(-2, keep)
         self.cached_ids = [self.cached_ids[i] for i in keep.tolist()]

@@ -27,6 +27,7 @@ class TargetSequence:
     kv: KVSequence
     tokens: list[int]  # committed ids (prompt + output); tokens[-1] is pending: its KV is not cached yet
     verified: int = field(default=0)  # len(kv) before the last verify: where the tree's entries start
+    key: int = field(default=0)  # the verifier's handle (tensor-parallel followers mirror sequences by it)
 
 
 class Verifier:
@@ -34,13 +35,21 @@ class Verifier:
         self.model = model
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
 
-    def start(self, prompt_ids: Sequence[int]) -> TargetSequence:
-        """Prefill all prompt tokens but the last, which becomes the pending token."""
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_context:
             raise ContextOverflow(f"prompt has {len(prompt)} tokens; the model's context is {self.max_context}")
+        return prompt
+
+    def check_draft(self, seq: TargetSequence, draft: Draft) -> None:
+        if len(draft) > self.room(seq):
+            raise ContextOverflow(f"draft of {len(draft)} nodes does not fit the remaining context")
+
+    def start(self, prompt_ids: Sequence[int]) -> TargetSequence:
+        """Prefill all prompt tokens but the last, which becomes the pending token."""
+        prompt = self.check_prompt(prompt_ids)
         kv = KVSequence(self.model)
         if len(prompt) > 1:
             kv.extend(prompt[:-1])
@@ -54,10 +63,10 @@ class Verifier:
         """For each pair, the target's logits [1 + n, vocab] at the pending token and every draft node."""
         out = []
         for seq, draft in batch:
-            if len(draft) > self.room(seq):
-                raise ContextOverflow(f"draft of {len(draft)} nodes does not fit the remaining context")
+            self.check_draft(seq, draft)
             seq.verified = len(seq.kv)
-            out.append(seq.kv.extend_tree(seq.tokens[-1], draft.tokens, draft.parents, draft.depths()))
+            logits = seq.kv.extend_tree(seq.tokens[-1], draft.tokens, draft.parents, draft.depths())
+            out.append(logits.cpu())  # acceptance runs on the CPU (its generator lives there)
         return out
 
     def commit(self, seq: TargetSequence, accepted_nodes: list[int], new_tokens: list[int]) -> None:
@@ -67,3 +76,9 @@ class Verifier:
         """
         seq.kv.keep_path(seq.verified + 1, accepted_nodes)
         seq.tokens.extend(new_tokens)
+
+    def finish(self, seq: TargetSequence) -> None:
+        """The request is over; its KV cache goes with ``seq`` (a TP leader also tells its followers)."""
+
+    def close(self) -> None:
+        """Release what the verifier holds beyond its sequences (a TP leader stops its followers)."""
