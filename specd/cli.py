@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=float, default=0.5,
                    help="mtad/mmtad: accept the longest prefix with joint p/q > tau (default 0.5; larger accepts less)")
     g.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="shard the target over N local processes (DeepSpeed AutoTP; gloo on CPU: a correctness "
+                        "check, slower than one process)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: on when the model has one)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
@@ -161,9 +164,8 @@ def load_prompts_file(path: Path) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from actors.engine import Engine, EngineConfig
-    from actors.methods import METHODS, make_drafter
-    from actors.models import load_model
+    from actors.engine import EngineConfig
+    from actors.methods import METHODS
     from actors.sampling import SamplingParams
 
     if args.server:
@@ -171,29 +173,65 @@ def cmd_generate(args) -> int:
     args.method = args.method or "ar"
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.tp < 1:
+        raise UsageError("--tp must be >= 1")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
     )
     prompts = read_prompts(args)
+    config = EngineConfig(max_draft_tokens=args.max_draft_tokens, backend="deepspeed" if args.tp > 1 else "plain",
+                          tp_size=args.tp)
+    if args.tp == 1:
+        return _generate(args, prompts, params, config)
+    from torch.multiprocessing import ProcessRaisedException
+
+    from actors.tp import launch_local
+
+    try:
+        launch_local(_generate_rank, args.tp, args, prompts, params, config)
+    except ProcessRaisedException as e:
+        raise RuntimeError(f"tensor-parallel rank failed: {str(e).strip().splitlines()[-1]}") from None
+    return 0
+
+
+def _generate_rank(rank: int, args, prompts: list[str], params, config) -> None:
+    """One rank of `specd generate --tp N`: rank 0 generates and prints, the others follow."""
+    from actors.models import load_model
+    from actors.tp import follow
+
+    if rank:
+        follow(load_model(args.model).model, args.tp)
+        return
+    _generate(args, prompts, params, config)
+
+
+def _generate(args, prompts: list[str], params, config) -> int:
+    from actors.engine import Engine
+    from actors.methods import METHODS, make_drafter
+    from actors.models import load_model
+
     target = load_model(args.model)
-    draft = load_model(args.draft_model) if args.draft_model else None
-    drafter = make_drafter(args.method, target, draft, gamma=args.gamma, beam_width=args.beam_width, tau=args.tau)
-    engine = Engine(target, EngineConfig(max_draft_tokens=args.max_draft_tokens))
-    chat = target.is_chat if args.chat is None else args.chat
-    if chat and not target.is_chat:
-        raise UsageError(f"{target.name} has no chat template; use --no-chat")
-    for prompt in prompts:
-        ids = encode_prompt(target.tokenizer, prompt, chat)
-        result = _run_one(engine, ids, params, drafter, stream=args.stream and not args.json)
-        stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method][0]}
-        if args.json:
-            print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
-                              "finish_reason": result.finish_reason, "stats": stats}), flush=True)
-        else:
-            if not args.stream:
-                print(result.text, flush=True)
-            print(_summary(stats), file=sys.stderr, flush=True)
+    engine = Engine(target, config)  # with tp > 1: collective, the follower ranks shard alongside
+    try:
+        draft = load_model(args.draft_model) if args.draft_model else None
+        drafter = make_drafter(args.method, target, draft, gamma=args.gamma, beam_width=args.beam_width, tau=args.tau)
+        chat = target.is_chat if args.chat is None else args.chat
+        if chat and not target.is_chat:
+            raise UsageError(f"{target.name} has no chat template; use --no-chat")
+        for prompt in prompts:
+            ids = encode_prompt(target.tokenizer, prompt, chat)
+            result = _run_one(engine, ids, params, drafter, stream=args.stream and not args.json)
+            stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method][0]}
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                                  "finish_reason": result.finish_reason, "stats": stats}), flush=True)
+            else:
+                if not args.stream:
+                    print(result.text, flush=True)
+                print(_summary(stats), file=sys.stderr, flush=True)
+    finally:
+        engine.close()
     return 0
 
 
