@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from actors.engine import EngineConfig
 from actors.models import DEFAULT_MODEL
 
 APP_IMPORT_PATH = "deploy.app:build_app"
@@ -94,6 +95,17 @@ class ServeConfig(BaseModel):
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads per model replica.")
+    tp_size: int = Field(
+        1, ge=1, description="Tensor-parallel ranks per verifier replica (DeepSpeed AutoTP): a replica is then a "
+        "group of tp_size actors packed on one node, each holding the verifier's resources (a GPU in production).")
+    tp_timeout_s: float = Field(
+        60.0, gt=0, description="Bound on one tensor-parallel collective: a dead or stuck rank fails requests "
+        "after at most this long instead of hanging them.")
+
+    def engine_config(self) -> EngineConfig:
+        """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
+        return EngineConfig(max_draft_tokens=self.max_draft_tokens, backend="deepspeed" if self.tp_size > 1 else "plain",
+                            tp_size=self.tp_size, tp_heartbeat_s=self.tp_timeout_s / 4)
     http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")
     grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC proxy port (specd.v1.Specd, grpc.health.v1).")
@@ -123,6 +135,12 @@ class ServeConfig(BaseModel):
     def serve_options(self, name: str) -> dict[str, Any]:
         """Serve options of deployment ``name``: its DeploymentOptions plus, for drafter pools, the router."""
         opts = self.deployments[name].serve_options()
+        if name == "Verifier" and self.tp_size > 1:
+            # One bundle per rank; the replica itself (rank 0) takes the first, its followers the rest.
+            actor = opts["ray_actor_options"]
+            bundle = {"CPU": actor["num_cpus"], "GPU": actor["num_gpus"], **actor["resources"]}
+            opts["placement_group_bundles"] = [{k: v for k, v in bundle.items() if v}] * self.tp_size
+            opts["placement_group_strategy"] = "STRICT_PACK"
         if name in ("TrigramDrafter", "AuxDrafter") and self.drafter_affinity:
             from deploy.routing import ROUTER_CLASS
 
@@ -132,8 +150,9 @@ class ServeConfig(BaseModel):
     def pool_sizes(self) -> dict[str, float]:
         """Custom resources the deployments ask for at their largest scale (what a local node must offer)."""
         need: dict[str, float] = {}
-        for opts in self.deployments.values():
+        for deployment, opts in self.deployments.items():
             replicas = (opts.autoscaling_config or {}).get("max_replicas", opts.num_replicas)
+            replicas *= self.tp_size if deployment == "Verifier" else 1
             for name, amount in opts.resources.items():
                 need[name] = need.get(name, 0) + amount * replicas
         return need

@@ -22,13 +22,14 @@ from typing import AsyncIterator
 import torch
 
 from actors.drafter import Drafter, NoDrafter
-from actors.engine import Engine, EngineConfig, StepOutput
+from actors.engine import Engine, StepOutput
 from actors.methods import METHODS
 from actors.models import load_model
 from deploy.config import ServeConfig
 from deploy.drafters import CappedDrafter, RemoteDrafter, build_drafters
 from deploy.metrics import verifier_metrics
 from deploy.request import GenerationRequest, RequestError
+from deploy.tp import TPGroup
 
 _END = object()
 
@@ -44,7 +45,11 @@ class VerifierServer:
         self.cfg = cfg = ServeConfig.model_validate(config)
         torch.set_num_threads(cfg.torch_threads)
         self.target = load_model(cfg.model)
-        self.engine = Engine(self.target, EngineConfig(max_draft_tokens=cfg.max_draft_tokens))
+        self.tp = TPGroup(cfg) if cfg.tp_size > 1 else None
+        if self.tp is not None:  # this replica is rank 0 of a tensor-parallel group
+            self.engine = await asyncio.to_thread(self.tp.start, self.target, cfg.engine_config())
+        else:
+            self.engine = Engine(self.target, cfg.engine_config())
         self.drafters: dict[str, Drafter] = {"ar": NoDrafter()}
         if cfg.trigram_placement == "colocated":
             self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
@@ -66,6 +71,11 @@ class VerifierServer:
 
     def ping(self) -> bool:
         return True
+
+    def check_health(self) -> None:
+        """Serve's health probe: a broken tensor-parallel group fails it, so Serve replaces the replica."""
+        if self.tp is not None:
+            self.tp.check(self.engine)
 
     def live_requests(self) -> int:
         return len(self.live)

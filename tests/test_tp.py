@@ -189,3 +189,104 @@ def test_cli_generate_tp2_prints_what_one_process_prints():
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     rows = [[json.loads(line) for line in r.stdout.splitlines()] for r in (one, two)]  # stdout: JSON only
     assert len(rows[0]) == 2 and [x["token_ids"] for x in rows[0]] == [x["token_ids"] for x in rows[1]]
+
+
+@pytest.fixture(scope="module")
+def served_tp2(tmp_path_factory):
+    """`specd serve` with tp_size 2 from its config file: its own Ray (the serving tests' cluster may be up)."""
+    import psutil
+    import yaml
+
+    from actors.tp import free_port
+
+    grpc_port = free_port()
+    config = tmp_path_factory.mktemp("tp") / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "tiny-llama", "default_method": "ar", "trigram_placement": "colocated", "trigram_methods": [],
+        "tp_size": 2, "tp_timeout_s": 20, "torch_threads": 1, "grpc_port": grpc_port, "http_port": free_port(),
+        "verifier": {"num_cpus": 0.2, "resources": {"verify_pool": 1}},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "specd.cli", "serve", "--config", str(config),
+                             "--metrics-port", str(free_port())], stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "specd serving" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines[-40:])
+        yield f"127.0.0.1:{grpc_port}", psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _followers(serve: "psutil.Process") -> list:  # noqa: F821
+    return [p for p in serve.children(recursive=True) if "TPFollower" in " ".join(p.cmdline())]
+
+
+def test_served_tp2_gives_the_embedded_tokens(served_tp2):
+    from specd.client import SpecdClient
+
+    addr, serve = served_tp2
+    assert len(_followers(serve)) == 1  # rank 1 of the replica's group, in its placement group
+    target = load_model("tiny-llama")
+    plain = Engine(target)
+    with SpecdClient(addr, timeout=120) as c:
+        for prompt in ("hello world", "the quick brown fox"):
+            want = plain.run(target.tokenizer(prompt)["input_ids"], GREEDY, NoDrafter()).token_ids
+            assert list(c.generate(prompt, max_tokens=24, ignore_eos=True).token_ids) == want
+            assert [t for ch in c.stream(prompt, max_tokens=24, ignore_eos=True) for t in ch.token_ids] == want
+
+
+def test_served_dead_follower_fails_the_stream_and_serve_replaces_the_group(served_tp2):
+    import grpc
+
+    from specd.client import SpecdClient
+
+    addr, serve = served_tp2
+    with SpecdClient(addr, timeout=120) as c:
+        stream = c.stream("hello", max_tokens=2000, ignore_eos=True)
+        next(stream)
+        (follower,) = _followers(serve)
+        follower.kill()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError):
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 30  # failed by the broken collective, not hung
+        deadline, ok = time.monotonic() + 120, None
+        while time.monotonic() < deadline and ok is None:  # health check fails -> Serve rebuilds the group
+            try:
+                ok = c.generate("hello", max_tokens=8, ignore_eos=True)
+            except grpc.RpcError:
+                time.sleep(2)
+        assert ok is not None and len(ok.token_ids) == 8
+        assert len(_followers(serve)) == 1 and _followers(serve)[0].pid != follower.pid
+
+
+def test_serve_config_packs_one_bundle_per_rank():
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.config import DeploymentOptions, ServeConfig, render_serve_config
+
+    cfg = ServeConfig(tp_size=2, verifier=DeploymentOptions(num_cpus=0.5, num_gpus=1, num_replicas=3,
+                                                            resources={"verify_pool": 1}))
+    opts = cfg.serve_options("Verifier")
+    assert opts["placement_group_bundles"] == [{"CPU": 0.5, "GPU": 1, "verify_pool": 1}] * 2
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert cfg.pool_sizes()["verify_pool"] == 6  # 3 replicas x 2 ranks
+    assert cfg.engine_config().backend == "deepspeed" and cfg.engine_config().tp_size == 2
+    ServeDeploySchema.model_validate(render_serve_config(cfg))
+    assert "placement_group_bundles" not in ServeConfig().serve_options("Verifier")
+    with pytest.raises(ValueError):
+        EngineConfig(tp_size=2)  # the plain backend cannot shard
