@@ -30,6 +30,7 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from actors.kernels import Kernels, apply_kernels
 from actors.tiny import tiny_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -151,8 +152,23 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> dict[str, bool]:
     return {name: is_cached(name, cache_dir) for name in REGISTRY}
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a registered name (``tiny-llama[:SEED]``, ``smollm2-135m``, ...), a local HF dir or a ``.gguf`` file."""
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+    kernels: Kernels = "auto",
+) -> LoadedModel:
+    """Load a registered name (``tiny-llama[:SEED]``, ``smollm2-135m``, ...), a local HF dir or a ``.gguf`` file.
+
+    ``kernels``: see :mod:`actors.kernels` (``auto`` = oneDNN linears for an fp32 model on the CPU).
+    """
+    loaded = _load(spec, dtype, cache_dir)
+    apply_kernels(loaded.model, kernels)
+    return loaded
+
+
+def _load(spec: str, dtype: torch.dtype, cache_dir: str | os.PathLike | None) -> LoadedModel:
     name, _, seed = spec.partition(":")
     if name in REGISTRY and REGISTRY[name].gguf is None:
         if seed and not seed.isdigit():

@@ -2,7 +2,9 @@
 
 The result feeds :class:`actors.cost.CostModel`, which draft budgets read. Each point is the median of
 ``repeats`` timed forwards through the same code path the engine uses (tree mask, KV cache), after a
-warm-up, with the cache rolled back between runs.
+warm-up, with the cache rolled back between runs. Rounds sweep every k in turn, so a burst of load on
+a shared machine lands on all k alike rather than on a few; the saved curve is then made
+non-decreasing in k (``seconds_raw`` keeps the medians), so noise never makes a bigger draft look cheaper.
 """
 
 from __future__ import annotations
@@ -35,34 +37,37 @@ def measure_verify_cost(
 ) -> dict:
     rng = np.random.default_rng(seed)
     vocab = target.model.config.vocab_size
-    seconds = []
+    seconds, raw = [], []
     for ctx in context_lengths:
         kv = KVSequence(target.model)
         kv.extend(rng.integers(0, vocab, ctx).tolist())
-        row = []
-        for k in k_values:
-            draft = Draft.chain(rng.integers(0, vocab, k - 1))
-            times = []
-            for r in range(repeats + 1):  # the first run warms up allocator and kernels
+        drafts = [Draft.chain(rng.integers(0, vocab, k - 1)) for k in k_values]
+        times: list[list[float]] = [[] for _ in k_values]
+        for r in range(repeats + 1):  # round 0 warms up allocator and kernels
+            for i, draft in enumerate(drafts):
                 t = time.perf_counter()
                 kv.extend_tree(int(rng.integers(vocab)), draft.tokens, draft.parents, draft.depths())
                 if r:
-                    times.append(time.perf_counter() - t)
+                    times[i].append(time.perf_counter() - t)
                 kv.crop(ctx)
-            row.append(statistics.median(times))
-            if progress:
-                progress(f"ctx={ctx:5d} k={k:3d}  {row[-1] * 1e3:8.1f} ms")
-        seconds.append(row)
+        row = [statistics.median(ts) for ts in times]
+        if progress:
+            for k, t in zip(k_values, row):
+                progress(f"ctx={ctx:5d} k={k:3d}  {t * 1e3:8.1f} ms")
+        raw.append(row)
+        seconds.append(np.maximum.accumulate(row).tolist())
     return {
         "model": target.name,
         "identity": target.identity,
         "dtype": str(target.model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "kernels": getattr(target.model, "_specd_kernels", "torch"),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "repeats": repeats,
         "k": list(k_values),
         "context_lengths": list(context_lengths),
         "seconds": seconds,
+        "seconds_raw": raw,
         "relative_to_k1": [[round(t / row[0], 3) for t in row] for row in seconds],
     }
 
@@ -70,4 +75,5 @@ def measure_verify_cost(
 def profile_path(target: LoadedModel) -> Path:
     """Where ``specd profile`` saves a model's curve by default and drafters look for it."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in target.name)
-    return models_dir().parent / "profiles" / f"{safe}-{target.identity}.json"
+    kernels = getattr(target.model, "_specd_kernels", "torch")  # the curve belongs to the kernels measured
+    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{kernels}.json"

@@ -1,0 +1,64 @@
+"""CPU linear kernels that keep a verify forward's cost nearly flat in the number of new tokens.
+
+Speculative decoding pays only where verifying k tokens costs about what verifying one costs. On this
+project's CPUs (AMD, AVX2), torch's default fp32 GEMM path for 2..64 rows is far from that: SmolLM2's
+49,152 x 576 output head costs ~10 ms at 1 row and ~16-50 ms at 8 rows, although the weights take ~5 ms
+to stream. oneDNN with the weight reordered once into its blocked layout (what Inductor's freezing pass
+uses, called here without compiling) does the same head in ~4-5 ms from 1 to 8 rows. Swapping every
+``nn.Linear`` of the model for it is the same math (fp32, different summation order: logits move by
+~1e-4) and helps plain decoding too, so every method and baseline in the engine gets it.
+
+The dense weights stay in place (tensor-parallel sharding and tied embeddings read them), so on CPU a
+model's linear weights take twice the memory; ``kernels="torch"`` opts out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Kernels = Literal["auto", "onednn", "torch"]
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def resolve(kernels: Kernels, model: nn.Module) -> str:
+    """``auto``: oneDNN for an fp32 model on the CPU when this torch build has it, else torch's own."""
+    if kernels != "auto":
+        if kernels == "onednn" and not onednn_available():
+            raise ValueError("kernels='onednn' needs a torch build with oneDNN (mkldnn)")
+        return kernels
+    param = next(model.parameters(), None)
+    on_cpu_fp32 = param is not None and param.device.type == "cpu" and param.dtype == torch.float32
+    return "onednn" if on_cpu_fp32 and onednn_available() else "torch"
+
+
+def apply_kernels(model: nn.Module, kernels: Kernels = "auto") -> str:
+    """Route the model's ``nn.Linear`` forwards through the chosen kernels; returns the one applied.
+
+    Idempotent. Only for inference: the packed weights carry no gradient.
+    """
+    chosen = resolve(kernels, model)
+    if chosen == "onednn" and getattr(model, "_specd_kernels", "torch") != "onednn":
+        for module in model.modules():
+            if type(module) is nn.Linear:  # exact type: DeepSpeed's and others' subclasses keep their forward
+                _pack(module)
+    model._specd_kernels = chosen if chosen == "onednn" else getattr(model, "_specd_kernels", "torch")
+    return model._specd_kernels
+
+
+def _pack(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+    bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
+            return nn.functional.linear(x, linear.weight, linear.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    linear.forward = forward  # instance attribute: the class and other models are untouched
