@@ -77,10 +77,3 @@ class TPGroup:
             except Exception as e:  # noqa: BLE001 - the follower's own error, reported as the cause
                 raise TPGroupError(f"a tensor-parallel follower failed: {e}") from e
             raise TPGroupError("a tensor-parallel follower stopped")
-
-    def stop(self, engine: Engine) -> None:
-        """Stop the followers cleanly (bounded), then the actors."""
-        engine.close()
-        ray.wait(self.runs, num_returns=len(self.runs), timeout=self.cfg.tp_timeout_s)
-        for f in self.followers:
-            ray.kill(f)
