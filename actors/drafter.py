@@ -6,6 +6,10 @@ request through ``start -> (propose -> observe)* -> finish``.
 Acceptance is exact (lossless) unless a drafter names an approximate rule in an ``acceptance`` attribute:
 ``"mtad"`` / ``"mmtad"`` (:class:`actors.mtad.MtadDrafter`, which also carries ``tau`` and puts each node's
 log q in ``Draft.info["logq"]``). Such requests report ``lossless: false``.
+
+Per-request options (``gamma``, ``beam_width``, ``tau``): a drafter lists the ones it takes in ``options``
+and returns a view of itself with them from ``with_options(**kw)``; the view shares the drafter's model
+and per-request state, so it costs nothing. :func:`with_options` is the checked entry point.
 """
 
 from __future__ import annotations
@@ -47,6 +51,20 @@ class Drafter(Protocol):
     def observe(self, request_id: str, feedback: Feedback) -> None: ...
 
     def finish(self, request_id: str) -> None: ...
+
+
+def with_options(drafter: Drafter, **options) -> Drafter:
+    """``drafter`` with per-request options applied (``None`` values are ignored).
+
+    ValueError, naming the options, when the drafter does not take one: nothing a client sets is dropped.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return drafter
+    unknown = sorted(set(options) - set(getattr(drafter, "options", ())))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to this method")
+    return drafter.with_options(**options)
 
 
 class NoDrafter:

@@ -23,6 +23,7 @@ Each drafted node's ``log q`` travels in ``Draft.info["logq"]`` ([n] float64), t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -167,17 +168,29 @@ class MtadDrafter:
     """
 
     target_topk = 0
+    options = ("gamma", "beam_width", "tau")
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4, beam_width: int = 4, tau: float = 0.5,
                  keep_all_beams: bool = False) -> None:
+        self.model = model
+        self._set(gamma, beam_width, tau)
+        self.keep_all_beams = keep_all_beams
+        self.acceptance = "mmtad" if keep_all_beams else "mtad"  # the engine's rule for these drafts
+        self._requests: dict[str, _State] = {}
+
+    def _set(self, gamma: int, beam_width: int, tau: float) -> None:
         if gamma < 1 or beam_width < 1:
             raise ValueError("gamma and beam_width must be >= 1")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        self.model, self.gamma, self.beam_width, self.tau = model, gamma, beam_width, tau
-        self.keep_all_beams = keep_all_beams
-        self.acceptance = "mmtad" if keep_all_beams else "mtad"  # the engine's rule for these drafts
-        self._requests: dict[str, _State] = {}
+        self.gamma, self.beam_width, self.tau = gamma, beam_width, tau
+
+    def with_options(self, gamma: int | None = None, beam_width: int | None = None,
+                     tau: float | None = None) -> MtadDrafter:
+        """A view with these settings that shares this drafter's model and request states."""
+        view = copy.copy(self)
+        view._set(gamma or self.gamma, beam_width or self.beam_width, self.tau if tau is None else tau)
+        return view
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         seed = (params.seed if params.seed is not None else int(torch.seed())) + 1  # not the target's stream

@@ -7,6 +7,7 @@ sampling reproduces the target's distribution exactly; under greedy it is the ar
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +46,7 @@ def sync_to_context(kv: KVSequence, context: Sequence[int]) -> torch.Tensor:
 
 class ModelDrafter:
     target_topk = 0
+    options = ("gamma",)
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4) -> None:
         if gamma < 1:
@@ -52,6 +54,14 @@ class ModelDrafter:
         self.model = model
         self.gamma = gamma
         self._requests: dict[str, _State] = {}
+
+    def with_options(self, gamma: int) -> ModelDrafter:
+        """A view drafting ``gamma`` tokens that shares this drafter's model and request states."""
+        if gamma < 1:
+            raise ValueError("gamma must be >= 1")
+        view = copy.copy(self)
+        view.gamma = gamma
+        return view
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         seed = (params.seed if params.seed is not None else int(torch.seed())) + 1  # not the target's stream

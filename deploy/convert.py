@@ -37,7 +37,8 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     return validated(
         GenerationRequest, request_id=msg.request_id or uuid.uuid4().hex, model=msg.model or None,
         method=msg.method or None, params=params, speculate=not drafting.disable_speculation,
-        max_draft_tokens=drafting.max_draft_tokens if drafting.HasField("max_draft_tokens") else None, **inputs,
+        max_draft_tokens=drafting.max_draft_tokens if drafting.HasField("max_draft_tokens") else None,
+        **{k: getattr(drafting, k) for k in ("gamma", "beam_width", "tau") if drafting.HasField(k)}, **inputs,
     )
 
 
@@ -74,6 +75,8 @@ def draft_to_proto(d: Draft) -> pb.DraftTree:
     if d.q is not None:
         msg.q_vocab = d.q.shape[1]
         msg.q = d.q.float().contiguous().numpy().astype("<f4").tobytes()
+    if "logq" in d.info:
+        msg.logq.extend(np.asarray(d.info["logq"], np.float64).tolist())
     return msg
 
 
@@ -81,7 +84,8 @@ def draft_from_proto(msg: pb.DraftTree) -> Draft:
     q = None
     if msg.q_vocab:
         q = torch.from_numpy(np.frombuffer(msg.q, "<f4").reshape(len(msg.tokens), msg.q_vocab).copy())
-    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q)
+    info = {"logq": np.asarray(msg.logq, np.float64)} if len(msg.logq) else {}
+    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q, info)
 
 
 def feedback_to_proto(f: Feedback) -> pb.DraftFeedback:

@@ -11,6 +11,7 @@ draft model, or folds the prompt's tri-grams into the adaptive store a second ti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from actors.draft import Draft
-from actors.drafter import Drafter, Feedback
+from actors.drafter import Drafter, Feedback, with_options
 from actors.methods import MethodUnavailable, make_drafter
 from actors.models import LoadedModel
 from actors.sampling import SamplingParams
@@ -77,12 +78,15 @@ class DrafterHost:
         self.rebuilds = 0
         self._lock = threading.Lock()
 
-    def info(self) -> dict[str, int]:
-        """method -> the target top-k rows its observe wants."""
-        return {m: d.target_topk for m, d in self.drafters.items()}
+    def info(self) -> dict[str, dict]:
+        """method -> what the verifier's RemoteDrafter mirrors: top-k rows wanted, acceptance rule, options."""
+        return {m: {"target_topk": d.target_topk, "acceptance": getattr(d, "acceptance", "exact"),
+                    "tau": getattr(d, "tau", None), "options": tuple(getattr(d, "options", ()))}
+                for m, d in self.drafters.items()}
 
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
-        drafter = self.drafters[req.method]
+        drafter = with_options(self.drafters[req.method], **{k: getattr(req, k) if req.HasField(k) else None
+                                                             for k in ("gamma", "beam_width")})
         rid = req.request_id
         with self._lock:
             session = self.sessions.get(rid, (None, None))[1]
@@ -129,7 +133,25 @@ class RemoteDrafter:
     method: str
     target_topk: int
     affinity: bool = True
+    acceptance: str = "exact"  # the remote drafter's rule, applied here by the engine (mtad / mmtad)
+    tau: float | None = None  # mtad / mmtad threshold, read by the engine's acceptance
+    options: tuple[str, ...] = ()  # per-request options the remote drafter takes
+    gamma: int | None = None  # this view's per-request options, sent with every step
+    beam_width: int | None = None
     _requests: dict[str, _Remote] = field(default_factory=dict)
+
+    @classmethod
+    def from_info(cls, handle: Any, method: str, info: dict, affinity: bool = True) -> RemoteDrafter:
+        return cls(handle, method, info["target_topk"], affinity, info["acceptance"], info["tau"],
+                   tuple(info["options"]))
+
+    def with_options(self, gamma: int | None = None, beam_width: int | None = None,
+                     tau: float | None = None) -> RemoteDrafter:
+        """A view for one request (shares the request table); the pool validates gamma/beam_width itself."""
+        if tau is not None and not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        return dataclasses.replace(self, gamma=gamma or self.gamma, beam_width=beam_width or self.beam_width,
+                                   tau=self.tau if tau is None else tau)
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self._requests[request_id] = _Remote(len(prompt_ids), params)  # the first propose carries it all
@@ -139,7 +161,7 @@ class RemoteDrafter:
         msg = pb.DraftStepRequest(
             request_id=request_id, method=self.method, context=np.asarray(context).tolist(),
             prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
-            max_new_tokens=st.params.max_new_tokens)
+            max_new_tokens=st.params.max_new_tokens, gamma=self.gamma, beam_width=self.beam_width)
         if st.feedback is not None:
             msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
             st.feedback = None
@@ -167,6 +189,14 @@ class CappedDrafter:
     @property
     def target_topk(self) -> int:
         return self.inner.target_topk
+
+    @property
+    def acceptance(self) -> str:  # the engine must apply the inner drafter's rule (mtad is approximate)
+        return getattr(self.inner, "acceptance", "exact")
+
+    @property
+    def tau(self) -> float | None:
+        return getattr(self.inner, "tau", None)
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.inner.start(request_id, prompt_ids, params)

@@ -37,6 +37,9 @@ class _Common(BaseModel):
     method: str | None = Field(None, description="specd: decoding method.")
     max_draft_tokens: int | None = Field(None, description="specd: per-step draft budget.")
     disable_speculation: bool = Field(False, description="specd: decode autoregressively.")
+    gamma: int | None = Field(None, description="specd: sd / mtad / mmtad draft depth.")
+    beam_width: int | None = Field(None, description="specd: mtad / mmtad beams per depth.")
+    tau: float | None = Field(None, description="specd: mtad / mmtad joint likelihood-ratio threshold.")
 
     def to_request(self, **inputs: Any) -> GenerationRequest:
         if self.n != 1:
@@ -47,7 +50,8 @@ class _Common(BaseModel):
                            stop=stop, ignore_eos=self.ignore_eos)
         return validated(GenerationRequest, request_id=uuid.uuid4().hex, model=self.model, method=self.method,
                          params=params, max_draft_tokens=self.max_draft_tokens,
-                         speculate=not self.disable_speculation, **inputs)
+                         speculate=not self.disable_speculation, gamma=self.gamma, beam_width=self.beam_width,
+                         tau=self.tau, **inputs)
 
 
 class CompletionRequest(_Common):

@@ -30,6 +30,12 @@ class GenerationRequest(BaseModel):
     params: SamplingParams = Field(..., description="Sampling, stop strings and max new tokens.")
     max_draft_tokens: int | None = Field(None, ge=0, description="Per-request cap on draft nodes per step.")
     speculate: bool = Field(True, description="False: decode autoregressively whatever the method.")
+    gamma: int | None = Field(None, ge=1, le=64, description="sd / mtad / mmtad: draft depth (None = server's).")
+    beam_width: int | None = Field(None, ge=1, le=32, description="mtad / mmtad: beams per depth.")
+    tau: float | None = Field(None, gt=0, description="mtad / mmtad: joint likelihood-ratio threshold.")
+
+    def draft_options(self) -> dict:
+        return {"gamma": self.gamma, "beam_width": self.beam_width, "tau": self.tau}
 
     @model_validator(mode="after")
     def _one_nonempty_input(self) -> GenerationRequest:

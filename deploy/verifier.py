@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 import torch
 
-from actors.drafter import Drafter, NoDrafter
+from actors.drafter import Drafter, NoDrafter, with_options
 from actors.engine import Engine, StepOutput
 from actors.methods import METHODS
 from actors.models import load_model
@@ -57,8 +57,8 @@ class VerifierServer:
             self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model))
         for handle in (trigram, aux):
             if handle is not None:
-                for method, topk in (await handle.info.remote()).items():
-                    self.drafters[method] = RemoteDrafter(handle, method, topk, cfg.drafter_affinity)
+                for method, info in (await handle.info.remote()).items():
+                    self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity)
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
         self.executor = ThreadPoolExecutor(cfg.verifier.max_ongoing_requests, thread_name_prefix="decode")
         self.live: set[str] = set()  # requests whose sequence (and KV cache) is alive
@@ -119,7 +119,10 @@ class VerifierServer:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         if not req.speculate:
             method = "ar"
-        drafter = self.drafters[method]
+        try:
+            drafter = with_options(self.drafters[method], **req.draft_options())
+        except ValueError as e:
+            raise RequestError(f"method {method!r}: {e}") from None
         if req.max_draft_tokens is not None:
             drafter = CappedDrafter(drafter, req.max_draft_tokens)
         return ids, drafter, method

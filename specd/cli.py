@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--gamma", type=int, default=4, help="draft length for sd/mtad/mmtad (default 4)")
-    g.add_argument("--beam-width", type=int, default=4, help="mtad/mmtad: beams per draft depth (default 4)")
-    g.add_argument("--tau", type=float, default=0.5,
+    g.add_argument("--gamma", type=int, default=None, help="draft length for sd/mtad/mmtad (default 4)")
+    g.add_argument("--beam-width", type=int, default=None, help="mtad/mmtad: beams per draft depth (default 4)")
+    g.add_argument("--tau", type=float, default=None,
                    help="mtad/mmtad: accept the longest prefix with joint p/q > tau (default 0.5; larger accepts less)")
     g.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
     g.add_argument("--tp", type=int, default=1, metavar="N",
@@ -208,6 +208,7 @@ def _generate_rank(rank: int, args, prompts: list[str], params, config) -> None:
 
 def _generate(args, prompts: list[str], params, config) -> int:
     from actors.engine import Engine
+    from actors.drafter import with_options
     from actors.methods import METHODS, make_drafter
     from actors.models import load_model
 
@@ -215,7 +216,11 @@ def _generate(args, prompts: list[str], params, config) -> int:
     engine = Engine(target, config)  # with tp > 1: collective, the follower ranks shard alongside
     try:
         draft = load_model(args.draft_model) if args.draft_model else None
-        drafter = make_drafter(args.method, target, draft, gamma=args.gamma, beam_width=args.beam_width, tau=args.tau)
+        try:
+            drafter = with_options(make_drafter(args.method, target, draft), gamma=args.gamma,
+                                   beam_width=args.beam_width, tau=args.tau)
+        except ValueError as e:
+            raise UsageError(f"--method {args.method}: {e}") from None
         chat = target.is_chat if args.chat is None else args.chat
         if chat and not target.is_chat:
             raise UsageError(f"{target.name} has no chat template; use --no-chat")

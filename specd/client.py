@@ -21,11 +21,13 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
                   max_tokens: int = 128, method: str = "", model: str = "", temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: Sequence[str] = (), ignore_eos: bool = False, max_draft_tokens: int | None = None,
-                  disable_speculation: bool = False, request_id: str = "") -> pb.GenerateRequest:
+                  disable_speculation: bool = False, request_id: str = "", gamma: int | None = None,
+                  beam_width: int | None = None, tau: float | None = None) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments (unset sampling fields take the server's defaults)."""
     sampling = pb.SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop),
                                   ignore_eos=ignore_eos)
-    drafting = pb.DraftingOptions(max_draft_tokens=max_draft_tokens, disable_speculation=disable_speculation)
+    drafting = pb.DraftingOptions(max_draft_tokens=max_draft_tokens, disable_speculation=disable_speculation,
+                                  gamma=gamma, beam_width=beam_width, tau=tau)
     req = pb.GenerateRequest(model=model, method=method, max_tokens=max_tokens, sampling=sampling,
                              drafting=drafting, request_id=request_id)
     if messages is not None:

@@ -108,7 +108,8 @@ def generate_remote(args, prompts: list[str]) -> int:
             for prompt in prompts:
                 kwargs = dict(max_tokens=args.max_new_tokens, method=args.method or "", temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                              max_draft_tokens=args.max_draft_tokens)
+                              max_draft_tokens=args.max_draft_tokens, gamma=args.gamma, beam_width=args.beam_width,
+                              tau=args.tau)
                 if chat:
                     kwargs["messages"] = [{"role": "user", "content": prompt}]
                 _one(c, None if chat else prompt, args, kwargs, prompt)

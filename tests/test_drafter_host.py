@@ -8,7 +8,7 @@ from actors.engine import Engine
 from actors.methods import make_drafter
 from actors.models import load_model
 from actors.sampling import SamplingParams
-from deploy.convert import draft_from_proto, params_to_sampling
+from deploy.convert import draft_from_proto, draft_to_proto, params_to_sampling
 from deploy.drafters import DrafterHost
 from specd.v1 import specd_pb2 as pb
 
@@ -44,3 +44,17 @@ def test_sessions_are_bounded_and_finished():
     host.finish("b")
     host.finish("unknown")  # a finish that lands where the request never was is harmless
     assert list(host.sessions) == ["c"]
+
+
+def test_mtad_drafts_cross_the_wire_with_their_log_q_and_options():
+    """The verifier applies MTAD's rule to remote drafts: it needs each node's log q and the pool's tau."""
+    target, draft = load_model("tiny-llama"), load_model("tiny-llama:1")
+    host = DrafterHost({"mtad": make_drafter("mtad", target, draft, tau=0.7)})
+    info = host.info()["mtad"]
+    assert (info["acceptance"], info["tau"], set(info["options"])) == ("mtad", 0.7, {"gamma", "beam_width", "tau"})
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    req = pb.DraftStepRequest(request_id="r", method="mtad", context=[5, 6, 7], prompt_len=3, max_nodes=16,
+                              sampling=params_to_sampling(params), max_new_tokens=8, gamma=2)
+    d = draft_from_proto(host.step(req).draft)
+    assert len(d) == 2 and d.info["logq"].shape == (2,) and np.all(d.info["logq"] <= 0)
+    assert np.array_equal(draft_from_proto(draft_to_proto(d)).info["logq"], d.info["logq"])

@@ -19,8 +19,9 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from actors.drafter import NoDrafter  # noqa: E402
+from actors.drafter import NoDrafter, with_options  # noqa: E402
 from actors.engine import Engine  # noqa: E402
+from actors.methods import make_drafter  # noqa: E402
 from actors.models import load_model  # noqa: E402
 from actors.sampling import SamplingParams  # noqa: E402
 from deploy import local  # noqa: E402
@@ -141,6 +142,10 @@ BAD = {
     "top_p over 1": dict(top_p=1.5),
     "unknown method": dict(method="nope"),
     "unknown model": dict(model="gpt-5"),
+    "tau for a lossless method": dict(method="ar", tau=2.0),
+    "beam_width for sd": dict(method="sd", beam_width=2),
+    "gamma 0": dict(method="mtad", gamma=0),
+    "tau 0": dict(method="mtad", tau=0.0),
 }
 
 
@@ -153,6 +158,22 @@ def test_bad_requests_are_invalid_argument(client, case):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
         assert err.value.details() and "Traceback" not in err.value.details()
     assert len(client.generate("still up", max_tokens=4).token_ids) > 0
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_mtad_served_with_request_options_matches_embedded(client, capped):
+    """The remote drafter's approximate rule and the request's gamma / beam_width / tau reach the engine."""
+    target, draft = load_model("tiny-llama"), load_model("tiny-llama:1")
+    opts = dict(gamma=3, beam_width=2, tau=0.3)
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=7, ignore_eos=True)
+    drafter = with_options(make_drafter("mtad", target, draft), **opts)
+    expected = Engine(target).run(target.tokenizer(PROMPTS[3])["input_ids"], params, drafter)
+    r = client.generate(PROMPTS[3], max_tokens=MAX_TOKENS, method="mtad", temperature=1.0, seed=7, ignore_eos=True,
+                        max_draft_tokens=8 if capped else None, **opts)
+    assert list(r.token_ids) == expected.token_ids
+    assert not r.stats.lossless and r.stats.method == "mtad"
+    assert r.stats.drafted_tokens == expected.stats.drafted_tokens > 0
+    assert r.stats.accepted_tokens == expected.stats.accepted_tokens
 
 
 def test_cancelled_stream_frees_the_sequence(served, client):

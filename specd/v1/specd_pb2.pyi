@@ -53,12 +53,18 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class DraftingOptions(_message.Message):
-    __slots__ = ("max_draft_tokens", "disable_speculation")
+    __slots__ = ("max_draft_tokens", "disable_speculation", "gamma", "beam_width", "tau")
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISABLE_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
     max_draft_tokens: int
     disable_speculation: bool
-    def __init__(self, max_draft_tokens: _Optional[int] = ..., disable_speculation: _Optional[bool] = ...) -> None: ...
+    gamma: int
+    beam_width: int
+    tau: float
+    def __init__(self, max_draft_tokens: _Optional[int] = ..., disable_speculation: _Optional[bool] = ..., gamma: _Optional[int] = ..., beam_width: _Optional[int] = ..., tau: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "chat", "prompt_ids", "method", "max_tokens", "sampling", "drafting", "request_id")
@@ -167,16 +173,18 @@ class ListModelsResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., max_context: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class DraftTree(_message.Message):
-    __slots__ = ("tokens", "parents", "q_vocab", "q")
+    __slots__ = ("tokens", "parents", "q_vocab", "q", "logq")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     Q_VOCAB_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    LOGQ_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     q_vocab: int
     q: bytes
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., q_vocab: _Optional[int] = ..., q: _Optional[bytes] = ...) -> None: ...
+    logq: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., q_vocab: _Optional[int] = ..., q: _Optional[bytes] = ..., logq: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftFeedback(_message.Message):
     __slots__ = ("draft", "accepted_nodes", "new_tokens", "topk", "target_topk")
@@ -193,7 +201,7 @@ class DraftFeedback(_message.Message):
     def __init__(self, draft: _Optional[_Union[DraftTree, _Mapping]] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., topk: _Optional[int] = ..., target_topk: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftStepRequest(_message.Message):
-    __slots__ = ("request_id", "method", "context", "prompt_len", "max_nodes", "sampling", "max_new_tokens", "feedback")
+    __slots__ = ("request_id", "method", "context", "prompt_len", "max_nodes", "sampling", "max_new_tokens", "feedback", "gamma", "beam_width")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +210,8 @@ class DraftStepRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     method: str
     context: _containers.RepeatedScalarFieldContainer[int]
@@ -210,7 +220,9 @@ class DraftStepRequest(_message.Message):
     sampling: SamplingOptions
     max_new_tokens: int
     feedback: DraftFeedback
-    def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., max_nodes: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., feedback: _Optional[_Union[DraftFeedback, _Mapping]] = ...) -> None: ...
+    gamma: int
+    beam_width: int
+    def __init__(self, request_id: _Optional[str] = ..., method: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., max_nodes: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., feedback: _Optional[_Union[DraftFeedback, _Mapping]] = ..., gamma: _Optional[int] = ..., beam_width: _Optional[int] = ...) -> None: ...
 
 class DraftStepResponse(_message.Message):
     __slots__ = ("draft", "rebuilt")
