@@ -67,13 +67,24 @@ class HFMethod:
         return Run(new, seconds)
 
 
+WARMUP_PROMPT = "Write two sentences about the sea."  # in neither MT-Bench nor HumanEval
+
+
 def run_bench(suites: dict[str, list[dict]], methods: list, encode: Callable[[str], list[int]],
-              params: SamplingParams, baseline: str = "ar", checkpoint: Path | None = None) -> dict:
+              params: SamplingParams, baseline: str = "ar", checkpoint: Path | None = None,
+              no_warmup: frozenset[str] = frozenset()) -> dict:
     """Run every method on every prompt; returns per-prompt records and per-suite summaries.
 
+    Every method but those in ``no_warmup`` (ones that learn across prompts) first decodes an unmeasured
+    warm-up prompt: a process's first forwards pay one-time costs (allocator, oneDNN weight reorders and
+    kernel selection) that would otherwise land on whichever method runs first.
     With ``checkpoint``, the records so far are rewritten there after every prompt (long runs on a
     shared machine can be cut short; what was measured survives).
     """
+    warm_ids = encode(WARMUP_PROMPT)
+    for m in methods:
+        if m.name not in no_warmup:
+            m.run(warm_ids, params.model_copy(update={"max_new_tokens": min(32, params.max_new_tokens)}))
     records = []
     total = sum(len(p) for p in suites.values())
     with tqdm(total=total * len(methods), desc="bench", unit="run") as bar:

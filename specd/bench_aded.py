@@ -48,9 +48,11 @@ def cmd_bench_aded(args) -> int:
     prompts = {s: SUITES[s]()[args.offset:end] for s in suites}
     params = SamplingParams(max_new_tokens=args.max_new_tokens or 128, seed=args.seed)
     encode = lambda text: encode_prompt(target.tokenizer, text, chat=True)  # noqa: E731
-    result = run_bench(prompts, methods, encode, params, checkpoint=args.out / "partial.json")
+    result = run_bench(prompts, methods, encode, params, checkpoint=args.out / "partial.json",
+                       no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
+                        "kernels": getattr(target.model, "_specd_kernels", "torch"),
                         "command": " ".join(sys.argv)}
     write_outputs(result, args.out, baseline="ar")
     print(markdown_table(result["summary"], "ar"))

@@ -33,6 +33,7 @@ from actors.engine import Engine
 from actors.methods import METHODS, make_drafter
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
+from specd.bench import WARMUP_PROMPT
 
 ALL_METHODS = ("ar", "sd", "mtad", "mmtad")
 GAMMA, BEAM_WIDTH, TAU = 4, 4, 0.5
@@ -58,9 +59,13 @@ def cmd_bench_mtad(args) -> int:
     items = humaneval_prompts()[args.offset : args.offset + limit]
     config = {"target": target.name, "draft": draft.name, "methods": methods, "temperatures": temperatures,
               "prompts": [it["id"] for it in items], "max_new_tokens": max_new, "seed": args.seed, "gamma": GAMMA,
-              "beam_width": BEAM_WIDTH, "tau": TAU, "stop": STOP, "threads": torch.get_num_threads()}
+              "beam_width": BEAM_WIDTH, "tau": TAU, "stop": STOP, "threads": torch.get_num_threads(),
+              "kernels": getattr(target.model, "_specd_kernels", "torch")}
     drafters = {m: make_drafter(m, target, draft, gamma=GAMMA, beam_width=BEAM_WIDTH, tau=TAU) for m in methods}
     engine = Engine(target)
+    warm = encode_prompt(target.tokenizer, WARMUP_PROMPT, chat=True)  # one-time costs off the first record
+    for name in methods:
+        engine.run(warm, SamplingParams(max_new_tokens=8, temperature=1.0, seed=args.seed), drafters[name])
     records: list[dict] = []
     for i, item in enumerate(items):
         ids = encode_prompt(target.tokenizer, item["prompt"], chat=True)
