@@ -35,7 +35,7 @@ class KVSequence:
         positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
         out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
         self.cached_ids.extend(ids)
-        return out.logits[0]
+        return out.logits[0].cpu()  # acceptance and drafters work on the CPU (a no-op there)
 
     @torch.inference_mode()
     def extend_tree(self, root: int, tokens: np.ndarray, parents: np.ndarray, depths: np.ndarray) -> torch.Tensor:
@@ -60,7 +60,7 @@ class KVSequence:
         )
         self.cached_ids.append(root)
         self.cached_ids.extend(tokens.tolist())
-        return out.logits[0]
+        return out.logits[0].cpu()  # acceptance and drafters work on the CPU (a no-op there)
 
     def keep_path(self, base: int, nodes: list[int]) -> None:
         """Keep the first ``base`` cached entries and then tree entries ``base + node`` (nodes in order).

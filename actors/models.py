@@ -158,14 +158,32 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     kernels: Kernels = "auto",
+    device: str = "cpu",
 ) -> LoadedModel:
     """Load a registered name (``tiny-llama[:SEED]``, ``smollm2-135m``, ...), a local HF dir or a ``.gguf`` file.
 
     ``kernels``: see :mod:`actors.kernels` (``auto`` = oneDNN linears for an fp32 model on the CPU).
+    ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (CUDA when this process sees a GPU). Tensor-parallel
+    loading keeps ``cpu``: DeepSpeed moves each rank's shard itself.
     """
     loaded = _load(spec, dtype, cache_dir)
+    target = resolve_device(device)
+    if target.type != "cpu":
+        loaded.model.to(target)
     apply_kernels(loaded.model, kernels)
     return loaded
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"device {device!r}: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: this process sees no CUDA GPU (use cpu or auto)")
+    return resolved
 
 
 def _load(spec: str, dtype: torch.dtype, cache_dir: str | os.PathLike | None) -> LoadedModel:

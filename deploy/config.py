@@ -95,6 +95,10 @@ class ServeConfig(BaseModel):
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads per model replica.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the verifier's target and the auxiliary draft model run: auto = the replica's GPU when "
+        "Ray gives it one, else CPU. The tri-gram pool keeps its tokenizer-only target copy on the CPU.")
     tp_size: int = Field(
         1, ge=1, description="Tensor-parallel ranks per verifier replica (DeepSpeed AutoTP): a replica is then a "
         "group of tp_size actors packed on one node, each holding the verifier's resources (a GPU in production).")

@@ -19,7 +19,7 @@ class DrafterPool:
         torch.set_num_threads(cfg.torch_threads)
         target = load_model(cfg.model)
         aux = role == "aux"
-        draft = load_model(cfg.draft_model) if aux and cfg.draft_model else None
+        draft = load_model(cfg.draft_model, device=cfg.device) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods
         self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions)
         self.metrics = pool_metrics(role)

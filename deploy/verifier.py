@@ -44,7 +44,8 @@ class VerifierServer:
     async def __init__(self, config: dict, trigram=None, aux=None) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
         torch.set_num_threads(cfg.torch_threads)
-        self.target = load_model(cfg.model)
+        # A TP group loads on the CPU: DeepSpeed moves each rank's shard to its device itself.
+        self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu")
         self.tp = TPGroup(cfg) if cfg.tp_size > 1 else None
         if self.tp is not None:  # this replica is rank 0 of a tensor-parallel group
             self.engine = await asyncio.to_thread(self.tp.start, self.target, cfg.engine_config())
@@ -54,7 +55,7 @@ class VerifierServer:
         if cfg.trigram_placement == "colocated":
             self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
         if cfg.aux_placement == "colocated" and cfg.draft_model:
-            self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model))
+            self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model, device=cfg.device))
         for handle in (trigram, aux):
             if handle is not None:
                 for method, info in (await handle.info.remote()).items():

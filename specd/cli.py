@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=float, default=None,
                    help="mtad/mmtad: accept the longest prefix with joint p/q > tau (default 0.5; larger accepts less)")
     g.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda[:N], or auto (a GPU when there is one)")
     g.add_argument("--tp", type=int, default=1, metavar="N",
                    help="shard the target over N local processes (DeepSpeed AutoTP; gloo on CPU: a correctness "
                         "check, slower than one process)")
@@ -212,10 +213,11 @@ def _generate(args, prompts: list[str], params, config) -> int:
     from actors.methods import METHODS, make_drafter
     from actors.models import load_model
 
-    target = load_model(args.model)
+    device = args.device if args.tp == 1 else "cpu"  # DeepSpeed moves each rank's shard itself
+    target = load_model(args.model, device=device)
     engine = Engine(target, config)  # with tp > 1: collective, the follower ranks shard alongside
     try:
-        draft = load_model(args.draft_model) if args.draft_model else None
+        draft = load_model(args.draft_model, device=device) if args.draft_model else None
         try:
             drafter = with_options(make_drafter(args.method, target, draft), gamma=args.gamma,
                                    beam_width=args.beam_width, tau=args.tau)

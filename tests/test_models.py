@@ -93,3 +93,15 @@ def test_failed_verification_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="does not match the pinned file"):
         fetch_model("smollm2-wrong-hash", cache_dir=tmp_path, progress=messages.append)
     assert messages and list((tmp_path / "models").iterdir()) == []
+
+
+def test_device_choice_is_checked():
+    from actors.models import ModelError, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            load_model("tiny-llama", device="cuda")
+    with pytest.raises(ModelError, match="device 'tpu9'"):
+        resolve_device("tpu9")
