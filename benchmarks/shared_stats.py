@@ -47,12 +47,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url")
     ap.add_argument("--traces", type=Path, help="JSONL traces (default: SmolLM2's shipped tuning traces)")
-    ap.add_argument("--cost", choices=["cpu", "flat"], default="cpu",
-                    help="verify-cost curve for the budget: SmolLM2 on this CPU, or flat (GPU-like)")
+    ap.add_argument("--cost", choices=["cpu", "cpu-onednn", "flat"], default="cpu",
+                    help="verify-cost curve for the budget: SmolLM2 on this CPU with torch's or oneDNN linears "
+                         "(actors.kernels), or flat (GPU-like)")
     ap.add_argument("--out", type=Path, default=Path("runs/shared_stats.json"))
     args = ap.parse_args()
     traces = load_traces(args.traces or shipped_traces(SMOLLM2_IDENTITY))
-    cost = smollm2_cpu_cost() if args.cost == "cpu" else CostModel.flat()
+    cost = {"cpu": smollm2_cpu_cost, "cpu-onednn": lambda: smollm2_cpu_cost("onednn"),
+            "flat": CostModel.flat}[args.cost]()
     matrix = TrigramMatrix.load(default_matrix_path(SMOLLM2_IDENTITY))
     server = None
     if not args.redis_url:

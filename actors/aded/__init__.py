@@ -43,7 +43,8 @@ def make_aded_drafter(target, store=None, matrix_path: str | Path | None = None,
         from actors.profile import profile_path
 
         profile = profile_path(target)
-        cost_model = CostModel.from_json(profile) if profile.exists() else smollm2_cpu_cost()
+        kernels = getattr(target.model, "_specd_kernels", "torch")
+        cost_model = CostModel.from_json(profile) if profile.exists() else smollm2_cpu_cost(kernels)
     if isinstance(config, dict):
         config = AdedConfig(**config)
     store = store if store is not None else MemoryStore(StoreConfig(namespace=target.identity))
