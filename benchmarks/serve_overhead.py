@@ -9,6 +9,8 @@ lives: ``remote`` (its own deployment on the draft pool, one round trip per step
 process, then each app over gRPC (unary Generate, timed at the client: proxy, routing and serialization
 included), for the method and for plain ``ar``. All greedy: served tokens must equal embedded tokens.
 
+Each side runs as it would be run: the embedded engine with ``--torch-threads`` (2: all of this machine),
+the served replicas with ServeConfig's default (one fewer than the CPUs: Ray's processes need one).
 Reported: tokens/s served / embedded (goal >= 0.9x), and the drafter's per-step time (the engine's
 ``draft_seconds / target_forwards``) remote vs colocated: the difference is the remote round trip.
 """
@@ -48,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=4, help="half MT-Bench, half HumanEval (first N/2 of each)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=2, help="the embedded engine's threads")
+    p.add_argument("--served-threads", type=int, default=None,
+                   help="the served replicas' threads (default: ServeConfig's, i.e. what `specd serve` uses)")
     p.add_argument("--out", type=Path, default=Path("runs/serve_overhead.json"))
     return p.parse_args(argv)
 
@@ -61,7 +65,7 @@ def _port() -> int:
 
 def configs(args) -> dict[str, ServeConfig]:
     """The two apps: the method's drafter on the draft pool, or inside the verifier."""
-    base = dict(model=args.model, draft_model=args.draft_model, default_method="ar", torch_threads=args.torch_threads,
+    base = dict(model=args.model, draft_model=args.draft_model, default_method="ar", torch_threads=args.served_threads,
                 http_port=_port(), grpc_port=_port(), max_tokens_limit=max(2048, args.max_tokens),
                 verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
     aux = args.method in ServeConfig().aux_methods

@@ -8,6 +8,7 @@ Pools are Ray resources: each drafter replica asks for ``draft_pool`` and each v
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,7 +95,10 @@ class ServeConfig(BaseModel):
         None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
-    torch_threads: int = Field(2, ge=1, description="torch intra-op threads per model replica.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per model replica; None = the CPUs this process may use "
+        "minus one (at least 1): Ray's proxies and per-token messages need a core, and a verifier whose threads "
+        "are preempted loses more than a thread's worth (benchmarks/serve_overhead.py).")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where the verifier's target and the auxiliary draft model run: auto = the replica's GPU when "
@@ -135,6 +139,10 @@ class ServeConfig(BaseModel):
         if self.draft_model and self.aux_placement == "remote":
             out["AuxDrafter"] = self.aux_drafter
         return out
+
+    def threads(self) -> int:
+        """``torch_threads`` resolved in the process that runs the model."""
+        return self.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
     def serve_options(self, name: str) -> dict[str, Any]:
         """Serve options of deployment ``name``: its DeploymentOptions plus, for drafter pools, the router."""

@@ -16,7 +16,7 @@ from specd.v1 import specd_pb2 as pb
 class DrafterPool:
     def __init__(self, config: dict, role: str) -> None:
         cfg = ServeConfig.model_validate(config)
-        torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(cfg.threads())
         target = load_model(cfg.model)
         aux = role == "aux"
         draft = load_model(cfg.draft_model, device=cfg.device) if aux and cfg.draft_model else None

@@ -28,7 +28,7 @@ class TPFollower:
     def __init__(self, config: dict, rank: int) -> None:
         self.cfg = ServeConfig.model_validate(config)
         self.rank = rank
-        torch.set_num_threads(self.cfg.torch_threads)
+        torch.set_num_threads(self.cfg.threads())
 
     def run(self, addr: str, port: int) -> int:
         """Join the group, shard the target with rank 0, follow until rank 0 says stop; returns the rank."""

@@ -43,7 +43,7 @@ class ServedChunk:
 class VerifierServer:
     async def __init__(self, config: dict, trigram=None, aux=None) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(cfg.threads())
         # A TP group loads on the CPU: DeepSpeed moves each rank's shard to its device itself.
         self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu")
         self.tp = TPGroup(cfg) if cfg.tp_size > 1 else None
