@@ -26,7 +26,8 @@ class Draft:
     # chosen without sampling (deterministic, or random but independent of the target): acceptance then
     # treats every node as a point-mass proposal, which is exact for any such tree.
     q: torch.Tensor | None = None  # [n, vocab] float32
-    # Drafter-private annotations (e.g. the drafter's own probability of each node), never read by the engine.
+    # Annotations: ``info["logq"]`` ([n] log q per node) is read by the MTAD/MMTAD acceptance rules and
+    # crosses the wire with the draft; anything else is drafter-private and ignored by the engine.
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
