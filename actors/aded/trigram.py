@@ -81,6 +81,7 @@ class TrigramMatrix:
         meta = {"vocab_size": str(self.vocab_size), "top_k": str(self.top_k), "identity": self.identity}
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(arrays, str(tmp), metadata=meta)
+        tmp.chmod(0o644)  # safetensors writes 0600; a cache shared across users (or pods) must be readable
         tmp.replace(path)  # readers never see a half-written file
 
     @classmethod
