@@ -35,7 +35,7 @@ from actors.draft import Draft
 from actors.drafter import Feedback
 from actors.kv import KVSequence
 from actors.sampling import SamplingParams, warp
-from actors.sd import sync_to_context
+from actors.sd import draft_generator, sync_to_context
 
 
 @dataclass
@@ -194,9 +194,7 @@ class MtadDrafter:
         return view
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        seed = (params.seed if params.seed is not None else int(torch.seed())) + 1  # not the target's stream
-        gen = torch.Generator().manual_seed(seed % (1 << 63))
-        self._requests[request_id] = _State(KVSequence(self.model), params, gen)
+        self._requests[request_id] = _State(KVSequence(self.model), params, draft_generator(params))
 
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
         st = self._requests[request_id]

@@ -28,6 +28,12 @@ class _State:
     generator: torch.Generator
 
 
+def draft_generator(params: SamplingParams) -> torch.Generator:
+    """The draft model's random stream for a request: seeded from its seed + 1, so never the target's."""
+    seed = (params.seed if params.seed is not None else int(torch.seed())) + 1
+    return torch.Generator().manual_seed(seed % (1 << 63))
+
+
 def sync_to_context(kv: KVSequence, context: Sequence[int]) -> torch.Tensor:
     """Make ``kv`` cache exactly ``context`` and return the logits at its last token.
 
@@ -64,9 +70,7 @@ class ModelDrafter:
         return view
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        seed = (params.seed if params.seed is not None else int(torch.seed())) + 1  # not the target's stream
-        gen = torch.Generator().manual_seed(seed % (1 << 63))
-        self._requests[request_id] = _State(KVSequence(self.model), params, gen)
+        self._requests[request_id] = _State(KVSequence(self.model), params, draft_generator(params))
 
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
         st = self._requests[request_id]
