@@ -45,21 +45,27 @@ class KVSequence:
         entries in node order; :meth:`keep_path` then keeps the accepted ones.
         """
         start, n = len(self.cached_ids), len(tokens)
-        dtype, device = self.model.dtype, self.model.device
         allowed = torch.ones(1 + n, start + 1 + n, dtype=torch.bool)
         allowed[:, start:] = tree_attention_mask(parents)
+        return self.forward_masked([root, *tokens.tolist()], np.concatenate([[0], depths]) + start, allowed)
+
+    @torch.inference_mode()
+    def forward_masked(self, ids: list[int], positions, allowed: torch.Tensor) -> torch.Tensor:
+        """Append ``ids`` at ``positions``; row r attends to the cache entries where ``allowed[r]`` is True.
+
+        ``allowed``: bool [len(ids), len(cache) + len(ids)]. The one path every non-causal forward takes
+        (draft trees here, MTAD's beams): additive mask, inputs on the model's device, logits back on the CPU.
+        """
+        dtype, device = self.model.dtype, self.model.device
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        input_ids = torch.tensor([[root, *tokens.tolist()]], dtype=torch.long, device=device)
-        positions = torch.from_numpy(np.concatenate([[0], depths]) + start).unsqueeze(0).to(device)
         out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=mask[None, None].to(device),  # [1, 1, 1 + n, kv]
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            position_ids=torch.as_tensor(np.asarray(positions), dtype=torch.long).unsqueeze(0).to(device),
+            attention_mask=mask[None, None].to(device),  # [1, 1, q, kv]
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.cached_ids.append(root)
-        self.cached_ids.extend(tokens.tolist())
+        self.cached_ids.extend(ids)
         return out.logits[0].cpu()  # acceptance and drafters work on the CPU (a no-op there)
 
     def keep_path(self, base: int, nodes: list[int]) -> None:

@@ -133,17 +133,9 @@ def forward_tree_nodes(
     for r, node in enumerate(nodes):
         allowed[r, [slots[a] for a in tree.path(node)[:-1]]] = True
         allowed[r, start + r] = True
-    dtype = kv.model.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    ids = [tree.tokens[v] for v in nodes]
-    device = kv.model.device
-    positions = torch.tensor([[base + tree.depths[v] - 1 for v in nodes]], device=device)
-    with torch.inference_mode():
-        out = kv.model(input_ids=torch.tensor([ids], device=device), position_ids=positions,
-                       attention_mask=mask[None, None].to(device), past_key_values=kv.cache, use_cache=True)
-    kv.cached_ids.extend(ids)
+    logits = kv.forward_masked([tree.tokens[v] for v in nodes], [base + tree.depths[v] - 1 for v in nodes], allowed)
     slots.update({v: start + r for r, v in enumerate(nodes)})
-    return out.logits[0].cpu()
+    return logits
 
 
 @dataclass
