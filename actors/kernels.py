@@ -26,6 +26,11 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def kernels_of(model: nn.Module) -> str:
+    """The kernels ``apply_kernels`` gave this model (``torch`` when it never ran)."""
+    return getattr(model, "_specd_kernels", "torch")
+
+
 def resolve(kernels: Kernels, model: nn.Module) -> str:
     """``auto``: oneDNN for an fp32 model on the CPU when this torch build has it, else torch's own."""
     if kernels != "auto":
@@ -43,11 +48,12 @@ def apply_kernels(model: nn.Module, kernels: Kernels = "auto") -> str:
     Idempotent. Only for inference: the packed weights carry no gradient.
     """
     chosen = resolve(kernels, model)
-    if chosen == "onednn" and getattr(model, "_specd_kernels", "torch") != "onednn":
+    if chosen == "onednn" and kernels_of(model) != "onednn":
         for module in model.modules():
             if type(module) is nn.Linear:  # exact type: DeepSpeed's and others' subclasses keep their forward
                 _pack(module)
-    model._specd_kernels = chosen if chosen == "onednn" else getattr(model, "_specd_kernels", "torch")
+    # Packing cannot be undone: asking for torch after oneDNN leaves oneDNN in place.
+    model._specd_kernels = "onednn" if chosen == "onednn" else kernels_of(model)
     return model._specd_kernels
 
 

@@ -21,6 +21,7 @@ import torch
 
 from actors.draft import Draft
 from actors.kv import KVSequence
+from actors.kernels import kernels_of
 from actors.models import LoadedModel, models_dir
 
 DEFAULT_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
@@ -61,7 +62,7 @@ def measure_verify_cost(
         "identity": target.identity,
         "dtype": str(target.model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "kernels": getattr(target.model, "_specd_kernels", "torch"),
+        "kernels": kernels_of(target.model),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "repeats": repeats,
         "k": list(k_values),
@@ -75,5 +76,5 @@ def measure_verify_cost(
 def profile_path(target: LoadedModel) -> Path:
     """Where ``specd profile`` saves a model's curve by default and drafters look for it."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in target.name)
-    kernels = getattr(target.model, "_specd_kernels", "torch")  # the curve belongs to the kernels measured
+    kernels = kernels_of(target.model)  # the curve belongs to the kernels measured
     return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{kernels}.json"

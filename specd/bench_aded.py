@@ -15,6 +15,7 @@ import sys
 
 from actors.drafter import NoDrafter
 from actors.engine import Engine
+from actors.kernels import kernels_of
 from actors.models import load_model
 from actors.sampling import SamplingParams
 from specd.bench import EngineMethod, HFMethod, markdown_table, run_bench, write_outputs
@@ -52,7 +53,7 @@ def cmd_bench_aded(args) -> int:
                        no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
-                        "kernels": getattr(target.model, "_specd_kernels", "torch"),
+                        "kernels": kernels_of(target.model),
                         "command": " ".join(sys.argv)}
     write_outputs(result, args.out, baseline="ar")
     print(markdown_table(result["summary"], "ar"))

@@ -31,6 +31,7 @@ import torch
 
 from actors.engine import Engine
 from actors.methods import METHODS, make_drafter
+from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
 from specd.bench import WARMUP_PROMPT
@@ -60,7 +61,7 @@ def cmd_bench_mtad(args) -> int:
     config = {"target": target.name, "draft": draft.name, "methods": methods, "temperatures": temperatures,
               "prompts": [it["id"] for it in items], "max_new_tokens": max_new, "seed": args.seed, "gamma": GAMMA,
               "beam_width": BEAM_WIDTH, "tau": TAU, "stop": STOP, "threads": torch.get_num_threads(),
-              "kernels": getattr(target.model, "_specd_kernels", "torch")}
+              "kernels": kernels_of(target.model)}
     drafters = {m: make_drafter(m, target, draft, gamma=GAMMA, beam_width=BEAM_WIDTH, tau=TAU) for m in methods}
     engine = Engine(target)
     warm = encode_prompt(target.tokenizer, WARMUP_PROMPT, chat=True)  # one-time costs off the first record
