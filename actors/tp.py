@@ -37,7 +37,8 @@ from transformers import PreTrainedModel
 from actors.draft import Draft
 from actors.verifier import TargetSequence, Verifier
 
-Op = tuple  # ("start", key, prompt) | ("verify", [(key, tokens, parents), ...]) | ("commit", key, nodes, tokens)
+Op = tuple  # ("start", key, prompt, prefill) | ("prefill", key, max_tokens) | ("verify", [(key, tokens, parents), ...])
+#             | ("commit", key, nodes, tokens)
 #             | ("finish", key) | ("ping",) | ("stop",)
 
 
@@ -100,13 +101,15 @@ def _replay(verifier: Verifier, seqs: dict[int, TargetSequence], ops: list[Op]) 
     for op in ops:
         kind = op[0]
         if kind == "start":
-            seqs[op[1]] = verifier.start(op[2])
+            seqs[op[1]] = verifier.start(op[2], prefill=op[3])
+        elif kind == "prefill":
+            verifier.prefill(seqs[op[1]], op[2])
         elif kind == "verify":
             verifier.verify([(seqs[key], Draft(tokens, parents)) for key, tokens, parents in op[1]])
         elif kind == "commit":
             verifier.commit(seqs[op[1]], op[2], op[3])
         elif kind == "finish":
-            seqs.pop(op[1], None)
+            verifier.finish(seqs.pop(op[1]))
         elif kind == "stop":
             return False
     return True
@@ -140,14 +143,19 @@ class LeaderVerifier(Verifier):
         self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="tp-heartbeat")
         self._heartbeat.start()
 
-    def start(self, prompt_ids: Sequence[int]) -> TargetSequence:
+    def start(self, prompt_ids: Sequence[int], prefill: bool = True) -> TargetSequence:
         prompt = self.check_prompt(prompt_ids)
         with self._lock:
             self._keys += 1
-            self._send(("start", self._keys, prompt))
-            seq = self._guard(super().start, prompt)
+            self._send(("start", self._keys, prompt, prefill))
+            seq = self._guard(super().start, prompt, prefill)
             seq.key = self._keys
             return seq
+
+    def prefill(self, seq: TargetSequence, max_tokens: int | None = None) -> int:
+        with self._lock:
+            self._send(("prefill", seq.key, max_tokens))
+            return self._guard(super().prefill, seq, max_tokens)
 
     def verify(self, batch: Sequence[tuple[TargetSequence, Draft]]) -> list[torch.Tensor]:
         for seq, draft in batch:
@@ -162,8 +170,9 @@ class LeaderVerifier(Verifier):
             super().commit(seq, accepted_nodes, new_tokens)
 
     def finish(self, seq: TargetSequence) -> None:
-        with self._lock:
+        with self._lock:  # frees the slot here and, in the same op order, on every follower
             self._pending.append(("finish", seq.key))
+            super().finish(seq)
 
     def close(self) -> None:
         """Stop the followers (their :func:`follow` returns); the group stays initialised."""

@@ -1,9 +1,10 @@
-"""The target side of speculative decoding: owns each request's KV cache, verifies draft trees.
+"""The target side of speculative decoding: owns every live request's KV cache, verifies draft trees.
 
-Per step and request: ``verify`` feeds the pending token plus the whole draft tree in one forward and
-returns the target's logits at every row; ``commit`` keeps the accepted path in the cache and rolls the
-rest back. ``verify`` takes a batch of (sequence, draft) pairs so several requests can later share one
-forward (continuous batching); today it runs them one after another.
+All sequences live in one :class:`~actors.kv.BatchKV`. ``verify`` feeds, for every (sequence, draft)
+pair of a step, the pending token plus the whole draft tree, all in ONE batched forward, and returns
+each pair's logits; ``commit`` keeps a sequence's accepted path and rolls the rest back. A new
+sequence's prompt is cached by ``prefill`` in chunks, one forward per chunk, so a long prompt joins a
+running batch without stalling it for the whole prompt.
 """
 
 from __future__ import annotations
@@ -15,24 +16,30 @@ import torch
 from transformers import PreTrainedModel
 
 from actors.draft import Draft
-from actors.kv import KVSequence
+from actors.kv import BatchKV, RowInput, Slot, causal_row, tree_row
 
 
 class ContextOverflow(ValueError):
     """The sequence would grow past the model's maximum context."""
 
 
-@dataclass
+@dataclass(eq=False)
 class TargetSequence:
-    kv: KVSequence
+    slot: Slot
     tokens: list[int]  # committed ids (prompt + output); tokens[-1] is pending: its KV is not cached yet
-    verified: int = field(default=0)  # len(kv) before the last verify: where the tree's entries start
+    verified: int = field(default=0)  # cached entries before the last verify: where the tree's entries start
     key: int = field(default=0)  # the verifier's handle (tensor-parallel followers mirror sequences by it)
+
+    @property
+    def to_prefill(self) -> int:
+        """Prompt tokens (all but the pending one) whose KV is not cached yet."""
+        return len(self.tokens) - 1 - len(self.slot)
 
 
 class Verifier:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
+        self.kv = BatchKV(model)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -47,13 +54,21 @@ class Verifier:
         if len(draft) > self.room(seq):
             raise ContextOverflow(f"draft of {len(draft)} nodes does not fit the remaining context")
 
-    def start(self, prompt_ids: Sequence[int]) -> TargetSequence:
-        """Prefill all prompt tokens but the last, which becomes the pending token."""
-        prompt = self.check_prompt(prompt_ids)
-        kv = KVSequence(self.model)
-        if len(prompt) > 1:
-            kv.extend(prompt[:-1])
-        return TargetSequence(kv, prompt)
+    def start(self, prompt_ids: Sequence[int], prefill: bool = True) -> TargetSequence:
+        """A sequence in a new slot; its prompt but the last token (the pending one) is cached now, or
+        chunk by chunk through :meth:`prefill` when ``prefill`` is False."""
+        seq = TargetSequence(self.kv.add(), self.check_prompt(prompt_ids))
+        if prefill:
+            self.prefill(seq)
+        return seq
+
+    def prefill(self, seq: TargetSequence, max_tokens: int | None = None) -> int:
+        """Cache up to ``max_tokens`` more prompt tokens in one forward; returns how many are left."""
+        start = len(seq.slot)
+        chunk = seq.tokens[start : len(seq.tokens) - 1][:max_tokens]
+        if chunk:
+            self.kv.forward([RowInput(seq.slot, *causal_row(start, chunk))])
+        return seq.to_prefill
 
     def room(self, seq: TargetSequence) -> int:
         """How many draft nodes still fit in the context after the pending token."""
@@ -61,24 +76,28 @@ class Verifier:
 
     def verify(self, batch: Sequence[tuple[TargetSequence, Draft]]) -> list[torch.Tensor]:
         """For each pair, the target's logits [1 + n, vocab] at the pending token and every draft node."""
-        out = []
+        rows = []
         for seq, draft in batch:
             self.check_draft(seq, draft)
-            seq.verified = len(seq.kv)
-            logits = seq.kv.extend_tree(seq.tokens[-1], draft.tokens, draft.parents, draft.depths())
-            out.append(logits.cpu())  # acceptance runs on the CPU (its generator lives there)
-        return out
+            if seq.to_prefill:
+                raise RuntimeError("verify before the prompt is prefilled")
+            seq.verified = len(seq.slot)
+            rows.append(RowInput(seq.slot, *tree_row(seq.verified, seq.tokens[-1], draft.tokens, draft.parents,
+                                                     draft.depths())))
+        return self.kv.forward(rows)
 
     def commit(self, seq: TargetSequence, accepted_nodes: list[int], new_tokens: list[int]) -> None:
         """Keep the pending token and the accepted nodes in the cache; ``new_tokens`` become committed.
 
         ``new_tokens`` is the accepted draft tokens followed by the bonus token, which is the new pending.
         """
-        seq.kv.keep_path(seq.verified + 1, accepted_nodes)
+        self.kv.keep_path(seq.slot, seq.verified + 1, accepted_nodes)
         seq.tokens.extend(new_tokens)
 
     def finish(self, seq: TargetSequence) -> None:
-        """The request is over; its KV cache goes with ``seq`` (a TP leader also tells its followers)."""
+        """The request is over: its slot (and KV cache) is freed for the next one."""
+        if seq.slot.row >= 0:
+            self.kv.remove(seq.slot)
 
     def close(self) -> None:
         """Release what the verifier holds beyond its sequences (a TP leader stops its followers)."""
