@@ -1,35 +1,53 @@
-"""The measured cost of one verify forward as a function of tokens fed and context length.
+"""The measured cost of one verify forward as a function of batch rows, tokens per row and context.
 
-On a GPU that cost is nearly flat in k for small k; on a CPU it is not (k=8 costs ~2.7x k=1 for
-SmolLM2 here), so any draft budget must read this curve. The curve comes from ``specd profile``
-(see actors/profile.py) and is saved as JSON:
+On a GPU that cost is nearly flat until the batch's total tokens make the forward compute-bound; on a
+CPU it rises from the first extra token. Any draft budget must read this curve. It comes from ``specd
+profile`` (actors/profile.py) and is saved as JSON:
 
-    {"k": [1, 2, ...], "context_lengths": [64, 256, ...], "seconds": [[t(k, ctx) for k] for ctx], ...}
+    {"batch": [1, 2, ...], "k": [1, 2, ...], "context_lengths": [64, 256, ...],
+     "seconds": [[[t(rows, k, ctx) for k] for rows] for ctx], "device": ..., "dtype": ..., ...}
+
+A profile without a ``batch`` axis (one row) is read as ``t(rows, k) = t(1, rows * k)``: the linears
+see rows x k tokens either way, which is what dominates a small model's forward.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 
+def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
+    """Piecewise linear through (xs, ys), extrapolated linearly past the last point, clamped below."""
+    if len(xs) == 1 or x <= xs[-1]:
+        return float(np.interp(x, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(ys[-1] + slope * (x - xs[-1]))
+
+
 @dataclass(frozen=True)
 class CostModel:
-    k: np.ndarray  # [K] tokens fed in one forward (the pending token + draft nodes), increasing
+    k: np.ndarray  # [K] tokens per row in one forward (the pending token + draft nodes), increasing
     context_lengths: np.ndarray  # [C] increasing
-    seconds: np.ndarray  # [C, K]
+    seconds: np.ndarray  # [C, B, K]
+    batch: np.ndarray = field(default_factory=lambda: np.array([1.0]))  # [B] rows, increasing
 
     @classmethod
     def from_profile(cls, profile: dict) -> CostModel:
         k = np.asarray(profile["k"], dtype=np.float64)
         ctx = np.asarray(profile["context_lengths"], dtype=np.float64)
         sec = np.asarray(profile["seconds"], dtype=np.float64)
-        if sec.shape != (len(ctx), len(k)) or np.any(np.diff(k) <= 0) or np.any(np.diff(ctx) <= 0):
-            raise ValueError("profile needs increasing k and context_lengths and seconds[len(ctx)][len(k)]")
-        return cls(k, ctx, sec)
+        batch = np.asarray(profile.get("batch", [1]), dtype=np.float64)
+        if sec.ndim == 2:
+            sec = sec[:, None, :]
+        if (sec.shape != (len(ctx), len(batch), len(k)) or np.any(np.diff(k) <= 0) or np.any(np.diff(ctx) <= 0)
+                or np.any(np.diff(batch) <= 0)):
+            raise ValueError("profile needs increasing batch, k and context_lengths and "
+                             "seconds[len(ctx)][len(batch)][len(k)]")
+        return cls(k, ctx, sec, batch)
 
     @classmethod
     def from_json(cls, path: str | Path) -> CostModel:
@@ -37,16 +55,16 @@ class CostModel:
 
     @classmethod
     def flat(cls, seconds: float = 1.0) -> CostModel:
-        """A GPU-like curve (cost independent of k): useful as a neutral default in tests."""
-        return cls(np.array([1.0, 1024.0]), np.array([0.0, 1e6]), np.full((2, 2), seconds))
+        """A GPU-like curve (cost independent of tokens): useful as a neutral default in tests."""
+        return cls(np.array([1.0, 1024.0]), np.array([0.0, 1e6]), np.full((2, 1, 2), seconds))
 
-    def forward_seconds(self, n_tokens: int, context_len: int) -> float:
-        """Predicted seconds to verify ``n_tokens`` (pending token + draft nodes) after ``context_len``."""
-        # Linear in k between measured points and beyond the last; clamped in context length.
-        per_ctx = [np.interp(n_tokens, self.k, row, right=None) for row in self.seconds]
-        if n_tokens > self.k[-1]:
-            slope = (self.seconds[:, -1] - self.seconds[:, -2]) / (self.k[-1] - self.k[-2])
-            per_ctx = list(self.seconds[:, -1] + slope * (n_tokens - self.k[-1]))
+    def forward_seconds(self, n_tokens: int, context_len: int, rows: int = 1) -> float:
+        """Predicted seconds for ``rows`` rows of ``n_tokens`` tokens each (pending + draft nodes) after
+        ``context_len`` cached tokens (the longest row's: shorter rows are padded to it)."""
+        if len(self.batch) == 1:  # one-row profile: rows x k tokens through the same linears
+            rows, n_tokens = 1, rows * n_tokens
+        per_ctx = [_interp(rows, self.batch, [_interp(n_tokens, self.k, b_row) for b_row in c_row])
+                   for c_row in self.seconds]
         return float(np.interp(context_len, self.context_lengths, per_ctx))
 
     def relative(self, n_tokens: int, context_len: int) -> float:

@@ -29,6 +29,9 @@ class Draft:
     # Annotations: ``info["logq"]`` ([n] log q per node) is read by the MTAD/MMTAD acceptance rules and
     # crosses the wire with the draft; anything else is drafter-private and ignored by the engine.
     info: dict = field(default_factory=dict)
+    # Optional calibrated P(node i is on the accepted path), for drafts ranked so that every prefix is a
+    # tree: the engine's batch budget may then verify only a prefix (actors.budget). None: verify all.
+    p_accept: np.ndarray | None = None  # [n] float64
 
     def __post_init__(self) -> None:
         tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
@@ -39,6 +42,11 @@ class Draft:
             raise ValueError("every parent index must be -1 or an earlier node")
         if self.q is not None and self.q.shape[0] != len(tokens):
             raise ValueError(f"q has {self.q.shape[0]} rows for {len(tokens)} nodes")
+        if self.p_accept is not None:
+            p_accept = np.asarray(self.p_accept, dtype=np.float64).reshape(-1)
+            if p_accept.shape != tokens.shape:
+                raise ValueError(f"p_accept has {len(p_accept)} entries for {len(tokens)} nodes")
+            object.__setattr__(self, "p_accept", p_accept)
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
 
@@ -53,6 +61,16 @@ class Draft:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def prefix(self, n: int) -> Draft:
+        """The first ``n`` nodes (a tree: parents precede children); per-node annotations cut alike."""
+        if n >= len(self):
+            return self
+        info = {k: v[:n] if isinstance(v, (np.ndarray, list, tuple)) and len(v) == len(self) else v
+                for k, v in self.info.items()}
+        q = None if self.q is None else self.q[:n]
+        p = None if self.p_accept is None else self.p_accept[:n]
+        return Draft(self.tokens[:n], self.parents[:n], q, info, p)
 
     @property
     def is_chain(self) -> bool:

@@ -41,11 +41,18 @@ class Feedback:
 class Drafter(Protocol):
     #: How many of the target's top tokens per verified node ``observe`` wants (0 = none).
     target_topk: int
+    #: ``propose`` mostly waits on another process (a remote drafter): the engine then drafts every
+    #: request of a step concurrently, so a step costs one round trip, not one per request.
+    blocking: bool
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None: ...
 
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
-        """Draft a tree below ``context[-1]`` (the pending token); at most ``max_nodes`` nodes."""
+        """Draft a tree below ``context[-1]`` (the pending token); at most ``max_nodes`` nodes.
+
+        A draft with ``p_accept`` may be verified only in part (a prefix, chosen by the batch budget);
+        ``Feedback.draft`` is then that prefix.
+        """
         ...
 
     def observe(self, request_id: str, feedback: Feedback) -> None: ...
@@ -71,6 +78,7 @@ class NoDrafter:
     """Plain autoregressive decoding: the same engine with an empty draft."""
 
     target_topk = 0
+    blocking = False
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         pass

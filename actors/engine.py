@@ -1,7 +1,10 @@
-"""The decode loop: draft -> verify -> accept -> commit -> observe, streaming accepted tokens.
+"""The decode loop over a batch: draft -> budget -> verify -> accept -> commit -> observe, for every live
+request at once, streaming each request's accepted tokens.
 
-Autoregressive decoding is the same loop with an empty draft. Every method runs through here, so a
-lossless drafter can only change speed, never output.
+Autoregressive decoding is the same loop with empty drafts. Every method runs through here, so a
+lossless drafter can only change speed, never output. Requests join between steps (their prompts
+prefilled in chunks) and leave when they finish, fail or are aborted; one request's failure ends that
+request alone.
 """
 
 from __future__ import annotations
@@ -9,25 +12,36 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
+from actors.budget import choose_batch_budget
+from actors.cost import CostModel
 from actors.detok import Detokenizer, find_stop
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
 from actors.models import LoadedModel
 from actors.sampling import SamplingParams, warp
+from actors.stats import GenerationStats, StepInfo
 from actors.verifier import TargetSequence, Verifier
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_draft_tokens: int = Field(64, ge=0, le=1024, description="Hard cap on draft nodes verified per step.")
+    max_draft_tokens: int = Field(64, ge=0, le=1024, description="Hard cap on draft nodes verified per request and step.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Requests decoded together; more wait for a free slot.")
+    prefill_chunk: int = Field(
+        256, ge=1, description="Prompt tokens cached per forward and step. A joining request's prefill runs "
+        "between the batch's decode steps, so this bounds how long it can stall them (one chunk's forward).")
+    budget_min_gain: float = Field(
+        0.0, ge=0.0, description="Speculate only when the batch budget predicts this relative gain over plain decoding.")
     backend: Literal["plain", "deepspeed"] = Field(
         "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel ranks of the deepspeed backend (rank 0 runs the engine).")
@@ -39,35 +53,6 @@ class EngineConfig(BaseModel):
         if self.tp_size > 1 and self.backend != "deepspeed":
             raise ValueError("tp_size > 1 needs backend 'deepspeed'")
         return self
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_forwards: int = 0  # decode steps (verify forwards), prefill excluded
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    # [i] = steps in which the draft token at depth i + 1 was accepted (vLLM's per-position counts)
-    accepted_per_position: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    lossless: bool = True
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds else 0.0
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["tokens_per_forward"] = round(self.tokens_per_forward, 4)
-        d["tokens_per_second"] = round(self.tokens_per_second, 3)
-        return d
 
 
 @dataclass
@@ -86,21 +71,29 @@ class Generation:
     stats: GenerationStats
 
 
-@dataclass
+class RequestFailed(RuntimeError):
+    """One request's drafter or acceptance failed; the request ended, the batch went on."""
+
+
+@dataclass(eq=False)
 class _Request:
     id: str
     params: SamplingParams
     drafter: Drafter
-    seq: TargetSequence
+    seq: TargetSequence | None  # None until admitted to the batch
     generator: torch.Generator
     detok: Detokenizer
     stats: GenerationStats
+    arrived: float
+    prompt: list[int]
     output: list[int] = field(default_factory=list)
     sent: int = 0  # characters of detok.text already streamed
 
 
 class Engine:
-    def __init__(self, target: LoadedModel, config: EngineConfig | None = None) -> None:
+    """Owns the target's batch. Not thread-safe: one thread drives it (``actors.loop.EngineLoop`` when served)."""
+
+    def __init__(self, target: LoadedModel, config: EngineConfig | None = None, cost: CostModel | None = None) -> None:
         self.target = target
         self.config = cfg = config or EngineConfig()
         if cfg.backend == "plain":
@@ -109,72 +102,142 @@ class Engine:
             from actors.tp import deepspeed_verifier  # imports deepspeed
 
             self.verifier = deepspeed_verifier(target.model, cfg.tp_size, cfg.tp_heartbeat_s)
+        self.cost = cost if cost is not None else default_cost(target)
+        self.vocab_size = int(target.model.config.vocab_size)
+        self._requests: dict[str, _Request] = {}
+        self._waiting: list[_Request] = []  # admitted in order as slots free up
+        self._pool: ThreadPoolExecutor | None = None  # drafts blocking (remote) drafters concurrently
+        self.last_step: StepInfo | None = None
 
-    def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter, request_id: str | None = None
-    ) -> Iterator[StepOutput]:
-        """Stream a request's output; the last item has a finish_reason."""
-        t0 = time.perf_counter()
-        req = self._start(list(prompt_ids), params, drafter, request_id or uuid.uuid4().hex)
-        req.stats.prefill_seconds = time.perf_counter() - t0
-        try:
-            while True:
-                tokens = self._step(req)
-                out = self._emit(req, tokens)
-                req.stats.seconds = time.perf_counter() - t0
-                yield out
-                if out.finish_reason:
-                    return
-        finally:
-            drafter.finish(req.id)
-            self.verifier.finish(req.seq)
-
-    def close(self) -> None:
-        """Release the verifier (a tensor-parallel leader stops its follower ranks)."""
-        self.verifier.close()
-
-    def run(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter) -> Generation:
-        ids, text, reason, stats = [], [], "length", GenerationStats()
-        for out in self.generate(prompt_ids, params, drafter):
-            ids += out.token_ids
-            text.append(out.text)
-            reason, stats = out.finish_reason or reason, out.stats
-        return Generation(ids, "".join(text), reason, stats)
-
-    def _start(self, prompt: list[int], params: SamplingParams, drafter: Drafter, rid: str) -> _Request:
-        seq = self.verifier.start(prompt)
+    # -- requests ------------------------------------------------------------------------------------
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter,
+            request_id: str | None = None) -> str:
+        """Queue a request (it joins the batch at the next step with a free slot); returns its id."""
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._requests:
+            raise ValueError(f"request {rid!r} is already running")
+        prompt = self.verifier.check_prompt(prompt_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        try:
-            drafter.start(rid, prompt, params)
-        except BaseException:
-            self.verifier.finish(seq)
-            raise
         stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")
-        gen = torch.Generator().manual_seed(seed)
-        return _Request(rid, params, drafter, seq, gen, Detokenizer(self.target.tokenizer), stats)
+        req = _Request(rid, params, drafter, None, torch.Generator().manual_seed(seed),
+                       Detokenizer(self.target.tokenizer), stats, time.perf_counter(), prompt)
+        self._requests[rid] = req
+        self._waiting.append(req)
+        return rid
 
-    def _step(self, req: _Request) -> list[int]:
-        """One speculative step; returns the tokens it committed (accepted draft tokens + bonus)."""
-        draft = self._draft(req)
-        logits = self.verifier.verify([(req.seq, draft)])[0]  # [1 + n, vocab]
+    def abort(self, request_id: str) -> None:
+        """End a request now (a cancelled stream): its slot and drafter state are freed."""
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self._release(req)
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, StepOutput | BaseException]]:
+        """One step of every live request; returns what each produced (an exception ends that request)."""
+        events: list[tuple[str, StepOutput | BaseException]] = []
+        self._admit(events)
+        live = self._prefill()
+        if not live:
+            return events
+        drafts = self._draft(live, events)
+        live = [r for r in live if r.id in drafts]
+        if not live:
+            return events
+        drafts = self._budget(live, [drafts[r.id] for r in live])
+        logits = self.verifier.verify([(r.seq, d) for r, d in zip(live, drafts)])  # [1 + n_r, vocab] each
+        for req, draft, row in zip(live, drafts, logits):
+            try:
+                tokens = self._accept_and_commit(req, draft, row)
+            except Exception as e:  # noqa: BLE001 - this request's drafter or rule failed; the batch goes on
+                events.append((req.id, self._fail(req, e)))
+                continue
+            out = self._emit(req, tokens)
+            events.append((req.id, out))
+            if out.finish_reason:
+                self._requests.pop(req.id, None)
+                self._release(req)
+        return events
+
+    def _admit(self, events: list) -> None:
+        while self._waiting and len(self._requests) - len(self._waiting) < self.config.max_batch:
+            req = self._waiting.pop(0)
+            try:
+                req.seq = self.verifier.start(req.prompt, prefill=False)
+                req.drafter.start(req.id, req.prompt, req.params)
+            except Exception as e:  # noqa: BLE001
+                events.append((req.id, self._fail(req, e)))
+
+    def _prefill(self) -> list[_Request]:
+        """Spend up to ``prefill_chunk`` prompt tokens on joining requests; returns the requests ready to decode."""
+        budget, ready = self.config.prefill_chunk, []
+        for req in list(self._requests.values()):
+            if req.seq is None:
+                continue
+            if req.seq.to_prefill and budget > 0:
+                t = time.perf_counter()
+                n = min(budget, req.seq.to_prefill)
+                self.verifier.prefill(req.seq, n)
+                budget -= n
+                req.stats.prefill_seconds += time.perf_counter() - t
+            if not req.seq.to_prefill:
+                ready.append(req)
+        return ready
+
+    def _draft(self, live: list[_Request], events: list) -> dict[str, Draft]:
+        """Each live request's draft; blocking (remote) drafters are called concurrently."""
+        t = time.perf_counter()
+        remote = [r for r in live if r.drafter.blocking]
+        if remote and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.max_batch, thread_name_prefix="draft")
+        futures = {r.id: self._pool.submit(self._propose, r) for r in remote}
+        drafts: dict[str, Draft] = {}
+        for req in live:
+            try:
+                drafts[req.id] = futures[req.id].result() if req.id in futures else self._propose(req)
+            except Exception as e:  # noqa: BLE001 - a drafter error ends its request alone
+                events.append((req.id, self._fail(req, e)))
+        dt = time.perf_counter() - t
+        for req in live:
+            req.stats.draft_seconds += dt
+        return drafts
+
+    def _propose(self, req: _Request) -> Draft:
+        remaining = req.params.max_new_tokens - len(req.output) - 1  # the bonus token is free
+        cap = max(0, min(self.config.max_draft_tokens, self.verifier.room(req.seq), remaining))
+        if not cap:
+            return Draft.empty()
+        draft = req.drafter.propose(req.id, np.asarray(req.seq.tokens, np.int64), cap)
+        if len(draft) > cap:
+            raise RuntimeError(f"drafter returned {len(draft)} nodes over its cap of {cap}")
+        if len(draft) and not (0 <= draft.tokens.min() and draft.tokens.max() < self.vocab_size):
+            req.stats.invalid_drafts += 1  # dropped, never fatal: this step is a plain one
+            return Draft.empty()
+        return draft
+
+    def _budget(self, live: list[_Request], drafts: list[Draft]) -> list[Draft]:
+        """Cut drafts to the batch budget (actors.budget); records the step's shape."""
+        context = max(len(r.seq.tokens) for r in live)
+        keep = choose_batch_budget(drafts, context, self.cost, self.config.budget_min_gain)
+        cut = [d.prefix(n) for d, n in zip(drafts, keep)]
+        self.last_step = StepInfo(rows=len(live), proposed=sum(map(len, drafts)), verified=sum(keep),
+                                  tokens=len(live) * (1 + max(keep)))
+        return cut
+
+    def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> list[int]:
         acc = self._accept(req, draft, logits)
         self.verifier.commit(req.seq, acc.accepted_nodes, acc.tokens)
         k = req.drafter.target_topk
         topk = torch.topk(logits, k, dim=-1).indices if k else None
         req.drafter.observe(req.id, Feedback(draft, acc.accepted_nodes, acc.tokens, topk))
-        self._count(req.stats, draft, acc)
+        req.stats.count(len(draft), len(acc.accepted_nodes))
         return acc.tokens
-
-    def _draft(self, req: _Request) -> Draft:
-        t = time.perf_counter()
-        remaining = req.params.max_new_tokens - len(req.output) - 1  # the bonus token is free
-        cap = max(0, min(self.config.max_draft_tokens, self.verifier.room(req.seq), remaining))
-        context = torch.tensor(req.seq.tokens).numpy()
-        draft = req.drafter.propose(req.id, context, cap) if cap else Draft.empty()
-        if len(draft) > cap:
-            raise RuntimeError(f"drafter returned {len(draft)} nodes over its cap of {cap}")
-        req.stats.draft_seconds += time.perf_counter() - t
-        return draft
 
     @staticmethod
     def _accept(req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
@@ -188,18 +251,8 @@ class Engine:
             return accept_mmtad(draft, p.log(), logq, req.drafter.tau, req.generator)
         return accept_tree_sampled(draft, p, req.generator)
 
-    @staticmethod
-    def _count(stats: GenerationStats, draft: Draft, acc: Acceptance) -> None:
-        stats.target_forwards += 1
-        stats.drafted_tokens += len(draft)
-        stats.accepted_tokens += len(acc.accepted_nodes)
-        for depth in range(len(acc.accepted_nodes)):
-            if depth == len(stats.accepted_per_position):
-                stats.accepted_per_position.append(0)
-            stats.accepted_per_position[depth] += 1
-
     def _emit(self, req: _Request, tokens: list[int]) -> StepOutput:
-        """Apply EOS, max-token and stop-string cuts to a step's tokens and produce the text delta."""
+        """Apply EOS, max-token, stop-string and context cuts to a step's tokens and produce the text delta."""
         params, eos, detok = req.params, self.target.eos_ids, req.detok
         emitted, reason = [], None
         for t in tokens:
@@ -217,6 +270,8 @@ class Engine:
             if len(req.output) >= params.max_new_tokens:
                 reason = "length"
                 break
+        if reason is None and len(req.seq.tokens) >= self.verifier.max_context:
+            reason = "length"  # the model's context is full
         if reason in ("stop", "length"):
             detok.flush()  # a held-back partial character ends the stream as it is
         reason = "stop" if reason == "stop_string" else reason
@@ -225,9 +280,95 @@ class Engine:
         end = max(req.sent, len(detok.text) - hold)
         delta, req.sent = detok.text[req.sent : end], end
         req.stats.new_tokens = len(req.output)
+        req.stats.seconds = time.perf_counter() - req.arrived
         return StepOutput(emitted, delta, reason, req.stats)
+
+    def _fail(self, req: _Request, error: Exception) -> RequestFailed:
+        self._requests.pop(req.id, None)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        self._release(req)
+        failed = RequestFailed(f"request {req.id}: {type(error).__name__}: {error}")
+        failed.__cause__ = error
+        return failed
+
+    def _release(self, req: _Request) -> None:
+        if req in self._waiting:
+            self._waiting.remove(req)
+            return
+        try:
+            req.drafter.finish(req.id)
+        finally:
+            if req.seq is not None:
+                self.verifier.finish(req.seq)
+
+    # -- driving it from one thread ------------------------------------------------------------------
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter,
+                 request_id: str | None = None) -> Iterator[StepOutput]:
+        """Stream one request's output (the engine must be otherwise idle); the last item has a finish_reason."""
+        if self._requests:
+            raise RuntimeError("Engine.generate needs an idle engine; use add/step to batch requests")
+        rid = self.add(prompt_ids, params, drafter, request_id)
+        try:
+            while rid in self._requests:
+                for got, out in self.step():
+                    if isinstance(out, BaseException):
+                        raise out
+                    yield out
+        finally:
+            self.abort(rid)
+
+    def run(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter) -> Generation:
+        return _collect(self.generate(prompt_ids, params, drafter))
+
+    def run_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 drafter: Drafter, concurrency: int | None = None) -> list[Generation | BaseException]:
+        """Decode ``prompts`` batched, ``concurrency`` at a time (default: all); results in prompt order."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        limit = concurrency or len(prompts)
+        outputs: dict[str, list[StepOutput]] = {}
+        order, results, nxt = [], {}, 0
+        while nxt < len(prompts) or self._requests:
+            while nxt < len(prompts) and len(self._requests) < limit:
+                rid = self.add(prompts[nxt], params[nxt], drafter, f"batch-{nxt}-{uuid.uuid4().hex[:8]}")
+                order.append(rid)
+                outputs[rid] = []
+                nxt += 1
+            for rid, out in self.step():
+                if isinstance(out, BaseException):
+                    results[rid] = out
+                else:
+                    outputs[rid].append(out)
+                    if out.finish_reason:
+                        results[rid] = _collect(iter(outputs.pop(rid)))
+        return [results[rid] for rid in order]
+
+    def close(self) -> None:
+        """Release the verifier (a tensor-parallel leader stops its follower ranks)."""
+        for rid in list(self._requests):
+            self.abort(rid)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self.verifier.close()
+
+
+def _collect(outputs: Iterator[StepOutput]) -> Generation:
+    ids, text, reason, stats = [], [], "length", GenerationStats()
+    for out in outputs:
+        ids += out.token_ids
+        text.append(out.text)
+        reason, stats = out.finish_reason or reason, out.stats
+    return Generation(ids, "".join(text), reason, stats)
 
 
 def _rule(drafter: Drafter) -> str:
     """The drafter's acceptance rule: "exact" (lossless) unless it names an approximate one ("mtad", "mmtad")."""
     return getattr(drafter, "acceptance", "exact")
+
+
+def default_cost(target: LoadedModel) -> CostModel:
+    """The target's ``specd profile`` curve for its device, dtype and kernels, else the shipped fallback."""
+    from actors.profile import fallback_cost, profile_path
+
+    path = profile_path(target)
+    return CostModel.from_json(path) if path.exists() else fallback_cost(target)

@@ -161,6 +161,7 @@ class MtadDrafter:
     """
 
     target_topk = 0
+    blocking = False
     options = ("gamma", "beam_width", "tau")
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4, beam_width: int = 4, tau: float = 0.5,

@@ -1,10 +1,12 @@
-"""``specd profile``: measure the target's verify-forward latency for k tokens at several context lengths.
+"""``specd profile``: measure the target's verify-forward latency over batch rows x tokens per row x context.
 
-The result feeds :class:`actors.cost.CostModel`, which draft budgets read. Each point is the median of
-``repeats`` timed forwards through the same code path the engine uses (tree mask, KV cache), after a
-warm-up, with the cache rolled back between runs. Rounds sweep every k in turn, so a burst of load on
-a shared machine lands on all k alike rather than on a few; the saved curve is then made
-non-decreasing in k (``seconds_raw`` keeps the medians), so noise never makes a bigger draft look cheaper.
+The result feeds :class:`actors.cost.CostModel`, which the batch budget reads. Each point is the median
+of ``repeats`` timed forwards through the engine's own path (a ``BatchKV`` of ``rows`` sequences, each
+fed its pending token plus a chain of ``k - 1`` nodes), after a warm-up, with the caches rolled back
+between runs. Rounds sweep every (rows, k) in turn, so a burst of load on a shared machine lands on all
+points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
+(``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
+by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a CPU curve.
 """
 
 from __future__ import annotations
@@ -19,62 +21,100 @@ from typing import Callable
 import numpy as np
 import torch
 
-from actors.draft import Draft
-from actors.kv import KVSequence
+from actors.cost import CostModel
 from actors.kernels import kernels_of
+from actors.kv import BatchKV, RowInput, causal_row, tree_row
 from actors.models import LoadedModel, models_dir
 
-DEFAULT_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-DEFAULT_CONTEXTS = (64, 256, 512)
+DEFAULT_K = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+DEFAULT_BATCH = (1, 2, 4, 8, 16)
+DEFAULT_CONTEXTS = (64, 256, 1024)
+MAX_TOKENS_PER_STEP = 512  # rows x k beyond this is not measured (extrapolated): no budget goes there
 
 
 def measure_verify_cost(
     target: LoadedModel,
     k_values=DEFAULT_K,
     context_lengths=DEFAULT_CONTEXTS,
+    batch_sizes=DEFAULT_BATCH,
     repeats: int = 5,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     rng = np.random.default_rng(seed)
     vocab = target.model.config.vocab_size
+    k_values, batch_sizes = list(k_values), list(batch_sizes)
     seconds, raw = [], []
     for ctx in context_lengths:
-        kv = KVSequence(target.model)
-        kv.extend(rng.integers(0, vocab, ctx).tolist())
-        drafts = [Draft.chain(rng.integers(0, vocab, k - 1)) for k in k_values]
-        times: list[list[float]] = [[] for _ in k_values]
+        kv = BatchKV(target.model)
+        slots = [kv.add() for _ in range(max(batch_sizes))]
+        for slot in slots:
+            kv.forward([RowInput(slot, *causal_row(0, rng.integers(0, vocab, ctx).tolist()))])
+        points = [(b, k) for b in batch_sizes for k in k_values if b * k <= MAX_TOKENS_PER_STEP or k == 1]
+        times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
         for r in range(repeats + 1):  # round 0 warms up allocator and kernels
-            for i, draft in enumerate(drafts):
+            for b, k in points:
+                rows = [RowInput(s, *tree_row(ctx, int(rng.integers(vocab)), rng.integers(0, vocab, k - 1),
+                                              np.arange(k - 1) - 1, np.arange(1, k))) for s in slots[:b]]
                 t = time.perf_counter()
-                kv.extend_tree(int(rng.integers(vocab)), draft.tokens, draft.parents, draft.depths())
+                kv.forward(rows)
                 if r:
-                    times[i].append(time.perf_counter() - t)
-                kv.crop(ctx)
-        row = [statistics.median(ts) for ts in times]
+                    times[(b, k)].append(time.perf_counter() - t)
+                for s in slots[:b]:
+                    kv.crop(s, ctx)
+        grid = _fill([[statistics.median(times[(b, k)]) if (b, k) in times else np.nan for k in k_values]
+                      for b in batch_sizes], batch_sizes, k_values)
         if progress:
-            for k, t in zip(k_values, row):
-                progress(f"ctx={ctx:5d} k={k:3d}  {t * 1e3:8.1f} ms")
-        raw.append(row)
-        seconds.append(np.maximum.accumulate(row).tolist())
+            for b, row in zip(batch_sizes, grid):
+                progress(f"ctx={ctx:5d} rows={b:3d}  " + " ".join(f"k{k}={t * 1e3:.0f}ms" for k, t in zip(k_values, row)))
+        raw.append(grid.tolist())
+        seconds.append(np.maximum.accumulate(np.maximum.accumulate(grid, axis=1), axis=0).tolist())
     return {
         "model": target.name,
         "identity": target.identity,
+        "device": target.model.device.type,
         "dtype": str(target.model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "kernels": kernels_of(target.model),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "repeats": repeats,
-        "k": list(k_values),
+        "batch": batch_sizes,
+        "k": k_values,
         "context_lengths": list(context_lengths),
         "seconds": seconds,
         "seconds_raw": raw,
-        "relative_to_k1": [[round(t / row[0], 3) for t in row] for row in seconds],
+        "relative_to_k1": [[[round(t / row[0], 3) for t in row] for row in per_ctx] for per_ctx in seconds],
     }
 
 
+def _fill(grid: list[list[float]], batch_sizes: list[int], k_values: list[int]) -> np.ndarray:
+    """Points not measured (rows x k over the cap) extrapolated along k from the row's last two points."""
+    g = np.array(grid, dtype=np.float64)
+    for i in range(len(batch_sizes)):
+        known = np.flatnonzero(~np.isnan(g[i]))
+        if len(known) < len(k_values):
+            xs, ys = np.array(k_values, float)[known], g[i, known]
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(known) > 1 else ys[-1] / xs[-1]
+            for j in np.flatnonzero(np.isnan(g[i])):
+                g[i, j] = ys[-1] + slope * (k_values[j] - xs[-1])
+    return g
+
+
 def profile_path(target: LoadedModel) -> Path:
-    """Where ``specd profile`` saves a model's curve by default and drafters look for it."""
+    """Where ``specd profile`` saves a model's curve by default and the engine looks for it."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in target.name)
+    device = target.model.device.type
+    dtype = str(target.model.dtype).removeprefix("torch.")
     kernels = kernels_of(target.model)  # the curve belongs to the kernels measured
-    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{kernels}.json"
+    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{device}-{dtype}-{kernels}.json"
+
+
+def fallback_cost(target: LoadedModel) -> CostModel:
+    """The curve budgets use before ``specd profile`` ran: flat on an accelerator (verifying a few more
+    tokens is nearly free there), SmolLM2's measured CPU curve on a CPU (a steep curve only makes the
+    budget cautious, never slower than plain decoding)."""
+    if target.model.device.type != "cpu":
+        return CostModel.flat()
+    from actors.aded.simulator import smollm2_cpu_cost
+
+    return smollm2_cpu_cost(kernels_of(target.model))

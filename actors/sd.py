@@ -52,6 +52,7 @@ def sync_to_context(kv: KVSequence, context: Sequence[int]) -> torch.Tensor:
 
 class ModelDrafter:
     target_topk = 0
+    blocking = False
     options = ("gamma",)
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4) -> None:

@@ -99,9 +99,10 @@ def feedback_to_proto(f: Feedback) -> pb.DraftFeedback:
 
 
 def feedback_from_proto(msg: pb.DraftFeedback, draft: Draft) -> Feedback:
-    """``draft`` is the drafter's own object for this tree (drafters recognise their drafts by identity)."""
+    """``draft`` is the drafter's own object for this tree; the verifier may have verified only a prefix of it
+    (the batch budget), which is what the drafter is told about."""
     topk = torch.tensor(list(msg.target_topk), dtype=torch.long).reshape(-1, msg.topk) if msg.topk else None
-    return Feedback(draft, list(msg.accepted_nodes), list(msg.new_tokens), topk)
+    return Feedback(draft.prefix(len(msg.draft.tokens)), list(msg.accepted_nodes), list(msg.new_tokens), topk)
 
 
 def params_to_sampling(p: SamplingParams) -> pb.SamplingOptions:

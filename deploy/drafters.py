@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -129,6 +129,7 @@ class _Remote:
 class RemoteDrafter:
     """``actors.drafter.Drafter`` over a drafter-pool handle; called from the engine's (non-async) thread."""
 
+    blocking: ClassVar[bool] = True  # each propose is a round trip: the engine overlaps a step's calls
     handle: Any  # DeploymentHandle of a DrafterPool deployment
     method: str
     target_topk: int
@@ -189,6 +190,10 @@ class CappedDrafter:
     @property
     def target_topk(self) -> int:
         return self.inner.target_topk
+
+    @property
+    def blocking(self) -> bool:
+        return self.inner.blocking
 
     @property
     def acceptance(self) -> str:  # the engine must apply the inner drafter's rule (mtad is approximate)

@@ -15,6 +15,7 @@ class TreeDrafter:
     right path, possibly behind wrong or duplicate siblings, so the engine must pick it out."""
 
     target_topk = 0
+    blocking = False
 
     def __init__(self, vocab: int, seed: int, oracle: list[int] | None = None, mode: str = "random",
                  size: int = 8) -> None:
@@ -62,5 +63,6 @@ def exact_pair_distribution(model, prompt: list[int], params: SamplingParams) ->
         p1 = warp(model(torch.tensor([prompt + [a]])).logits[0, -1], params)
         for b in torch.nonzero(p1).flatten().tolist():
             cells.append((a, b))
-            probs.append(float(p0[a] * p1[b]))
-    return cells, probs
+            probs.append(float(p0[a]) * float(p1[b]))
+    total = sum(probs)  # float32 rounding: scipy's chisquare wants the expected counts to sum to n exactly
+    return cells, [p / total for p in probs]

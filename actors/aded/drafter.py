@@ -83,6 +83,7 @@ class AdedDrafter:
         self.store = store
         self.model = NGramModel(matrix, store, self.config.ngram)
         self.target_topk = self.config.target_topk if self.config.adapt.topk_weights else 0
+        self.blocking = False
         # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
         self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
         budget = self.config.budget
@@ -116,21 +117,21 @@ class AdedDrafter:
         scaled = np.minimum(1.0, probs[:cap] * state.correction(budget.request_prior_strength))
         n = choose_budget(scaled, self.costs.relative(len(ctx)), budget.min_gain)
         # info: each node's calibration bucket (for observe) and estimated P(accepted).
-        draft = Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]})
+        draft = Draft(tokens[:n], parents[:n], info={"buckets": buckets[:n], "probs": probs[:n]}, p_accept=scaled[:n])
         state.last_draft = draft
         return draft
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         state = self._requests.get(request_id)
-        if state is None or feedback.draft is not state.last_draft:
+        if state is None or not _is_prefix(feedback.draft, state.last_draft):
             return
-        draft = feedback.draft
-        buckets = draft.info["buckets"]
+        draft = feedback.draft  # our last draft, or the prefix of it the batch budget verified
+        buckets = state.last_draft.info["buckets"][: len(draft)]
         if len(draft):
             accepted = np.zeros(len(draft), bool)
             accepted[list(feedback.accepted_nodes)] = True
             self.calibrators[state.greedy].update(buckets, accepted)
-            state.predicted += float(draft.info["probs"].sum())
+            state.predicted += float(state.last_draft.info["probs"][: len(draft)].sum())
             state.realised += float(accepted.sum())
         if feedback.target_topk is not None and self.config.adapt.topk_weights:
             inc = topk_increments(state.pending_state, draft.tokens, draft.parents, feedback.target_topk,
@@ -172,3 +173,11 @@ class AdedDrafter:
             local.append(trie.add(local[parent] if parent >= 0 else -1, tok, source,
                                   calibrator.conf_bucket(source, conf)))
         return trie
+
+
+def _is_prefix(verified: Draft, ours: Draft | None) -> bool:
+    """Feedback is about our last draft or a prefix of it (not, say, the engine's empty draft)."""
+    if ours is None or len(verified) > len(ours):
+        return False
+    return verified is ours or (len(verified) > 0 and np.array_equal(verified.tokens, ours.tokens[: len(verified)])
+                                and np.array_equal(verified.parents, ours.parents[: len(verified)]))

@@ -220,6 +220,7 @@ class PromptLookupDrafter:
     """
 
     target_topk = 0
+    blocking = False
 
     def __init__(self, num_tokens: int = 10, max_ngram: int = 2) -> None:
         self.num_tokens = num_tokens

@@ -1,0 +1,42 @@
+"""The batch's draft budget: how many of each request's proposed nodes one verify forward takes.
+
+A step over B requests feeds a ``[B, 1 + L]`` batch (rows padded to the longest), so its cost is the
+measured ``t(B, 1 + L, ctx)`` and it yields ``B + sum_r E[accepted_r]`` tokens, where a request's
+expectation is the sum of its verified nodes' calibrated acceptance estimates (``Draft.p_accept``,
+ranked so that every prefix of a draft is a tree). For each depth L of the padded batch, every request
+takes its best ``min(L, m_r)`` nodes (padding is computed anyway); the step keeps the L maximising
+
+    (B + sum_r sum_{i < n_r(L)} p_ri) / t(B, 1 + L, ctx)
+
+so speculation shrinks as the batch makes every extra column expensive and grows when it is cheap,
+read off the measured curve, with no batch-size table. L = 0 is plain batched decoding. Drafts that
+carry no estimates (a draft model's chains) are verified whole and fix the smallest L.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from actors.cost import CostModel
+from actors.draft import Draft
+
+
+def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostModel, min_gain: float = 0.0) -> list[int]:
+    """Nodes to verify per draft (a prefix of each) for one batched step after ``context_len`` tokens."""
+    rows = len(drafts)
+    fixed = [len(d) for d in drafts if d.p_accept is None]
+    ranked = [np.asarray(d.p_accept, np.float64) for d in drafts if d.p_accept is not None]
+    lo = max(fixed, default=0)
+    hi = max([lo] + [len(p) for p in ranked])
+    if hi == lo:
+        return [len(d) for d in drafts]
+    cum = [np.concatenate([[0.0], np.cumsum(p)]) for p in ranked]  # [m_r + 1] expected accepted by prefix
+    levels = np.arange(lo, hi + 1)
+    gain = rows + np.array([sum(c[min(level, len(c) - 1)] for c in cum) for level in levels])
+    seconds = np.array([cost.forward_seconds(1 + int(level), context_len, rows) for level in levels])
+    rate = gain / seconds
+    best = int(np.argmax(rate))
+    level = int(levels[best]) if rate[best] > rate[0] * (1.0 + min_gain) else lo
+    return [len(d) if d.p_accept is None else min(level, len(d)) for d in drafts]
