@@ -115,7 +115,7 @@ class Engine:
         """Queue a request (it joins the batch at the next step with a free slot); returns its id."""
         rid = request_id or uuid.uuid4().hex
         if rid in self._requests:
-            raise ValueError(f"request {rid!r} is already running")
+            raise ValueError(f"request_id {rid!r} is already generating")
         prompt = self.verifier.check_prompt(prompt_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import platformdirs
 import torch
@@ -152,26 +152,41 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> dict[str, bool]:
     return {name: is_cached(name, cache_dir) for name in REGISTRY}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 def load_model(
     spec: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: DtypeName | torch.dtype = "auto",
     cache_dir: str | os.PathLike | None = None,
     kernels: Kernels = "auto",
     device: str = "cpu",
 ) -> LoadedModel:
     """Load a registered name (``tiny-llama[:SEED]``, ``smollm2-135m``, ...), a local HF dir or a ``.gguf`` file.
 
+    ``dtype``: ``auto`` = bfloat16 on CUDA, float32 on the CPU (whose fp32 kernels are the fast ones here).
     ``kernels``: see :mod:`actors.kernels` (``auto`` = oneDNN linears for an fp32 model on the CPU).
     ``device``: ``cpu``, ``cuda[:N]`` or ``auto`` (CUDA when this process sees a GPU). Tensor-parallel
     loading keeps ``cpu``: DeepSpeed moves each rank's shard itself.
     """
-    loaded = _load(spec, dtype, cache_dir)
     target = resolve_device(device)
+    loaded = _load(spec, resolve_dtype(dtype, target), cache_dir)
     if target.type != "cpu":
         loaded.model.to(target)
     apply_kernels(loaded.model, kernels)
     return loaded
+
+
+def resolve_dtype(dtype: DtypeName | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def resolve_device(device: str) -> torch.device:

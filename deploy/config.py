@@ -36,7 +36,9 @@ class DeploymentOptions(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Fixed replica count; ignored when autoscaling_config is set.")
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve AutoscalingConfig (min_replicas, max_replicas, target_ongoing_requests, ...).")
-    max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests one replica accepts.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Concurrent requests one replica accepts; None = the deployment's default (a "
+        "verifier: twice its max_batch).")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractional: this is a scheduling hint).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (production pools).")
     resources: dict[str, float] = Field(
@@ -103,6 +105,14 @@ class ServeConfig(BaseModel):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where the verifier's target and the auxiliary draft model run: auto = the replica's GPU when "
         "Ray gives it one, else CPU. The tri-gram pool keeps its tokenizer-only target copy on the CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and activations of the target and the auxiliary draft model: auto = bfloat16 "
+        "on a GPU, float32 on a CPU. Lossless methods are exact relative to the model as served in this dtype.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Requests one verifier replica decodes together (its "
+                           "batch slots); more wait in the replica's queue. Sets the verifier's default "
+                           "max_ongoing_requests (2x: one batch decoding, one waiting) and autoscaling target.")
+    prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a verifier prefills per step: bounds how long a "
+                               "joining request stalls the running batch.")
     tp_size: int = Field(
         1, ge=1, description="Tensor-parallel ranks per verifier replica (DeepSpeed AutoTP): a replica is then a "
         "group of tp_size actors packed on one node, each holding the verifier's resources (a GPU in production).")
@@ -112,7 +122,8 @@ class ServeConfig(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
-        return EngineConfig(max_draft_tokens=self.max_draft_tokens, backend="deepspeed" if self.tp_size > 1 else "plain",
+        return EngineConfig(max_draft_tokens=self.max_draft_tokens, max_batch=self.max_batch,
+                            prefill_chunk=self.prefill_chunk, backend="deepspeed" if self.tp_size > 1 else "plain",
                             tp_size=self.tp_size, tp_heartbeat_s=self.tp_timeout_s / 4)
     http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")
@@ -147,6 +158,13 @@ class ServeConfig(BaseModel):
     def serve_options(self, name: str) -> dict[str, Any]:
         """Serve options of deployment ``name``: its DeploymentOptions plus, for drafter pools, the router."""
         opts = self.deployments[name].serve_options()
+        if name == "Verifier":  # capacity follows the batch: one batch decoding, one queued behind it
+            if opts["max_ongoing_requests"] is None:
+                opts["max_ongoing_requests"] = 2 * self.max_batch
+            if "autoscaling_config" in opts:
+                opts["autoscaling_config"].setdefault("target_ongoing_requests", self.max_batch)
+        elif opts["max_ongoing_requests"] is None:
+            opts["max_ongoing_requests"] = 16
         if name == "Verifier" and self.tp_size > 1:
             # One bundle per rank; the replica itself (rank 0) takes the first, its followers the rest.
             actor = opts["ray_actor_options"]

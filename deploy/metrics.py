@@ -14,11 +14,14 @@ from types import SimpleNamespace
 from ray.serve import metrics
 
 from actors.engine import GenerationStats
+from actors.stats import StepInfo
 
 PREFIX = "specd_"
 # Seconds; TTFT spans prefill (tens of ms to seconds on CPU), ITL one decode step per token.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]  # requests per step, draft nodes per step
+TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]  # query tokens per verify forward
 
 
 def _make(kind, name: str, description: str, tags: tuple[str, ...] = (), **kw):
@@ -37,6 +40,17 @@ class VerifierMetrics:
     draft_tokens: metrics.Counter
     accepted_tokens: metrics.Counter
     accepted_per_pos: metrics.Counter
+    batch_size: metrics.Histogram
+    step_tokens: metrics.Histogram
+    budget_nodes: metrics.Histogram
+    proposed_nodes: metrics.Counter
+
+    def batch_step(self, info: StepInfo) -> None:
+        """One batched verify step: its rows, tokens fed and the budget's choice (called from the engine loop)."""
+        self.batch_size.observe(info.rows)
+        self.step_tokens.observe(info.tokens)
+        self.budget_nodes.observe(info.verified)
+        self.proposed_nodes.inc(info.proposed)
 
     def step(self, method: str, before: GenerationStats | None, after: GenerationStats) -> None:
         """Count one decode step's drafting from the change in the request's cumulative stats."""
@@ -68,6 +82,13 @@ def verifier_metrics() -> VerifierMetrics:
         accepted_tokens=_make(metrics.Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.", m),
         accepted_per_pos=_make(metrics.Counter, "spec_decode_num_accepted_tokens_per_pos",
                                "Accepted draft tokens by depth in the draft.", ("method", "position")),
+        batch_size=_make(metrics.Histogram, "batch_size", "Requests decoded in one verify forward.",
+                         boundaries=BATCH_BUCKETS),
+        step_tokens=_make(metrics.Histogram, "step_query_tokens", "Query tokens of one verify forward (padding "
+                          "included).", boundaries=TOKEN_BUCKETS),
+        budget_nodes=_make(metrics.Histogram, "budget_draft_nodes", "Draft nodes the batch budget kept in one step.",
+                           boundaries=BATCH_BUCKETS),
+        proposed_nodes=_make(metrics.Counter, "proposed_draft_nodes", "Draft nodes the drafters offered."),
     )
 
 

@@ -1,21 +1,17 @@
 """The verifier deployment: the target model and the decode loop, on the verify pool.
 
 A request is one streaming call, so its KV cache lives on this replica from prefill to the last token.
-Each request's engine generator runs in a worker thread (the engine is synchronous and calls remote
-drafters with blocking handle calls, which Serve forbids on the event loop); outputs cross back to the
-event loop through a queue. Cancelling the stream sets a flag the thread checks after every step; the
-thread then closes the generator, whose ``finally`` finishes the drafter, and the sequence with its KV
-cache is dropped.
+The replica runs ONE engine loop (``actors.loop.EngineLoop``, a thread: the engine is synchronous and
+calls remote drafters with blocking handle calls, which Serve forbids on the event loop) that owns the
+batch: every live request of the replica advances in the same verify forward. Outputs cross back to
+the event loop through a queue per request. A cancelled stream is cancelled in the loop, which frees
+its slot and drafter state after the current step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -23,6 +19,7 @@ import torch
 
 from actors.drafter import Drafter, NoDrafter, with_options
 from actors.engine import Engine, StepOutput
+from actors.loop import EngineLoop
 from actors.methods import METHODS
 from actors.models import load_model
 from deploy.config import ServeConfig
@@ -45,7 +42,7 @@ class VerifierServer:
         self.cfg = cfg = ServeConfig.model_validate(config)
         torch.set_num_threads(cfg.threads())
         # A TP group loads on the CPU: DeepSpeed moves each rank's shard to its device itself.
-        self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu")
+        self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu", dtype=cfg.dtype)
         self.tp = TPGroup(cfg) if cfg.tp_size > 1 else None
         if self.tp is not None:  # this replica is rank 0 of a tensor-parallel group
             self.engine = await asyncio.to_thread(self.tp.start, self.target, cfg.engine_config())
@@ -61,9 +58,8 @@ class VerifierServer:
                 for method, info in (await handle.info.remote()).items():
                     self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity)
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
-        self.executor = ThreadPoolExecutor(cfg.verifier.max_ongoing_requests, thread_name_prefix="decode")
-        self.live: set[str] = set()  # requests whose sequence (and KV cache) is alive
         self.metrics = verifier_metrics()
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.batch_step)
 
     def describe(self) -> dict:
         return {"model": self.cfg.model, "methods": sorted(self.drafters), "default_method": self.default_method,
@@ -79,28 +75,34 @@ class VerifierServer:
             self.tp.check(self.engine)
 
     def live_requests(self) -> int:
-        return len(self.live)
+        """Requests in this replica's engine (decoding, prefilling or waiting for a slot)."""
+        return self.loop.live_requests()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
         arrived = time.perf_counter()
         ids, drafter, method = self._prepare(req)
-        if req.request_id in self.live:  # drafter state and KV cache are keyed by it
-            raise RequestError(f"request_id {req.request_id!r} is already generating")
-        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        self.live.add(req.request_id)
-        self.metrics.running.set(len(self.live))
-        emit = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the thread
-        self.executor.submit(self._drive, ids, req, drafter, method, emit, stop)
-        last, prev = None, arrived
+        lossless = METHODS[method][0]
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        sink = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the loop thread
+        self.loop.submit(ids, req.params, drafter, req.request_id, sink)
+        self.metrics.running.set(self.loop.live_requests())
+        last, prev, done = None, arrived, False
         try:
-            while (item := await queue.get()) is not _END:
+            while not done:
+                item = await queue.get()
                 if isinstance(item, BaseException):
+                    done = True
+                    if isinstance(item, ValueError) and last is None:  # refused at admission (e.g. a duplicate id)
+                        raise RequestError(str(item)) from None
                     raise item
+                item.stats.lossless = lossless
                 prev = self._observe(method, last, item, arrived, prev)
-                last = item
+                last, done = item, item.finish_reason is not None
                 yield ServedChunk(item, method)
         finally:
-            stop.set()  # a cancelled stream stops the thread after its current step
+            if not done:
+                self.loop.cancel(req.request_id)  # a cancelled stream frees its slot after the current step
+            self.metrics.running.set(self.loop.live_requests())
 
     def _prepare(self, req: GenerationRequest) -> tuple[list[int], Drafter, str]:
         """Validate against this model and pick the drafter; RequestError on a bad request."""
@@ -142,27 +144,6 @@ class VerifierServer:
             enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
             return list(enc["input_ids"])
         return list(tok(req.prompt, add_special_tokens=True)["input_ids"])
-
-    def _drive(self, ids: list[int], req: GenerationRequest, drafter: Drafter, method: str, emit,
-               stop: threading.Event) -> None:
-        """Worker thread: run the engine generator, emitting each step, until done or stopped."""
-        gen = self.engine.generate(ids, req.params, drafter, req.request_id)
-        lossless = METHODS[method][0]
-        try:
-            for out in gen:
-                stats = copy.copy(out.stats)
-                stats.accepted_per_position = list(stats.accepted_per_position)
-                stats.lossless = lossless
-                emit(dataclasses.replace(out, stats=stats))
-                if out.finish_reason or stop.is_set():
-                    break
-        except Exception as e:  # noqa: BLE001 - crosses to the caller's event loop, raised there
-            emit(e)
-        finally:
-            gen.close()  # the engine's finally finishes the drafter; the sequence and its KV cache go
-            self.live.discard(req.request_id)
-            self.metrics.running.set(len(self.live))
-            emit(_END)
 
     def _observe(self, method: str, last: StepOutput | None, out: StepOutput, arrived: float, prev: float) -> float:
         """Record one step's metrics; returns the time of this step's tokens."""
