@@ -46,6 +46,8 @@ class Draft:
             p_accept = np.asarray(self.p_accept, dtype=np.float64).reshape(-1)
             if p_accept.shape != tokens.shape:
                 raise ValueError(f"p_accept has {len(p_accept)} entries for {len(tokens)} nodes")
+            if not np.all((p_accept >= 0) & (p_accept <= 1)):  # NaN fails too
+                raise ValueError("p_accept must be probabilities in [0, 1]")
             object.__setattr__(self, "p_accept", p_accept)
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)

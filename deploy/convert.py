@@ -77,6 +77,8 @@ def draft_to_proto(d: Draft) -> pb.DraftTree:
         msg.q = d.q.float().contiguous().numpy().astype("<f4").tobytes()
     if "logq" in d.info:
         msg.logq.extend(np.asarray(d.info["logq"], np.float64).tolist())
+    if d.p_accept is not None:
+        msg.p_accept.extend(d.p_accept.tolist())
     return msg
 
 
@@ -85,7 +87,8 @@ def draft_from_proto(msg: pb.DraftTree) -> Draft:
     if msg.q_vocab:
         q = torch.from_numpy(np.frombuffer(msg.q, "<f4").reshape(len(msg.tokens), msg.q_vocab).copy())
     info = {"logq": np.asarray(msg.logq, np.float64)} if len(msg.logq) else {}
-    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q, info)
+    p_accept = np.asarray(msg.p_accept, np.float64) if len(msg.p_accept) else None
+    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q, info, p_accept)
 
 
 def feedback_to_proto(f: Feedback) -> pb.DraftFeedback:

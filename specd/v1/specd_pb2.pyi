@@ -173,18 +173,20 @@ class ListModelsResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., max_context: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class DraftTree(_message.Message):
-    __slots__ = ("tokens", "parents", "q_vocab", "q", "logq")
+    __slots__ = ("tokens", "parents", "q_vocab", "q", "logq", "p_accept")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     Q_VOCAB_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     LOGQ_FIELD_NUMBER: _ClassVar[int]
+    P_ACCEPT_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     q_vocab: int
     q: bytes
     logq: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., q_vocab: _Optional[int] = ..., q: _Optional[bytes] = ..., logq: _Optional[_Iterable[float]] = ...) -> None: ...
+    p_accept: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., q_vocab: _Optional[int] = ..., q: _Optional[bytes] = ..., logq: _Optional[_Iterable[float]] = ..., p_accept: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftFeedback(_message.Message):
     __slots__ = ("draft", "accepted_nodes", "new_tokens", "topk", "target_topk")

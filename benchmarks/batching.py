@@ -1,0 +1,261 @@
+"""Continuous batching: aggregate tokens/s and per-request latency against concurrency, embedded and served.
+
+    python benchmarks/batching.py --out results/batching --prompts 16 --max-tokens 48
+
+For each concurrency level, closed loop: ``c`` requests in flight, the next prompt starts when one
+finishes. SmolLM2-135M, greedy, MT-Bench and HumanEval prompts (the first ``--prompts`` of each, chat
+template). Embedded: one ``Engine`` batch (``Engine.run_many``). Served: ``specd serve``'s app on local
+Ray Serve, ``c`` client threads over gRPC (unary Generate). ADED adapts online, and every level decodes
+the same prompts, so each level starts from a fresh drafter (embedded) or a freshly deployed app
+(served): no level learns from another's outputs. Every output is compared with the same method at
+concurrency 1 (greedy identity under batching) and ADED's with AR's.
+
+Memory: 16 requests of ~1k prompt tokens decoded together: KV bytes per held token and peak RSS.
+Writes ``<out>/batching.json`` and ``<out>/batching.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from actors.engine import Engine, EngineConfig  # noqa: E402
+from actors.methods import make_drafter  # noqa: E402
+from actors.models import load_model  # noqa: E402
+from actors.sampling import SamplingParams  # noqa: E402
+from specd.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="ar,aded")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per set (the first N of each)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--concurrency", default="1,2,4,8,16")
+    p.add_argument("--served-concurrency", default="1,8,16", help="levels also measured served ('' = none)")
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("results/batching"))
+    return p.parse_args(argv)
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def _summary(rows: list[dict], wall: float) -> dict:
+    lat = sorted(r["seconds"] for r in rows)
+    tokens = sum(len(r["tokens"]) for r in rows)
+    return {"tokens": tokens, "wall_seconds": round(wall, 3), "tokens_per_second": round(tokens / wall, 3),
+            "latency_p50_s": round(statistics.median(lat), 3),
+            "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
+            "tokens_per_forward": round(tokens / max(1, sum(r["forwards"] for r in rows)), 3)}
+
+
+def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: SamplingParams, c: int) -> dict:
+    t = time.perf_counter()
+    outs = engine.run_many(inputs, params, drafter, concurrency=c)
+    wall = time.perf_counter() - t
+    bad = [o for o in outs if isinstance(o, BaseException)]
+    if bad:
+        raise bad[0]
+    rows = [{"tokens": o.token_ids, "seconds": o.stats.seconds, "forwards": o.stats.target_forwards} for o in outs]
+    return {"rows": rows, **_summary(rows, wall)}
+
+
+def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens: int, c: int) -> dict:
+    rows: list[dict | None] = [None] * len(inputs)
+    nxt, lock = [0], threading.Lock()
+
+    def worker():
+        client = client_factory()
+        while True:
+            with lock:
+                i, nxt[0] = nxt[0], nxt[0] + 1
+            if i >= len(inputs):
+                return
+            t = time.perf_counter()
+            r = client.generate(inputs[i], max_tokens=max_tokens, method=method, temperature=0.0)
+            rows[i] = {"tokens": list(r.token_ids), "seconds": time.perf_counter() - t,
+                       "forwards": r.stats.target_forwards}
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(c)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    return {"rows": rows, **_summary(rows, wall)}
+
+
+def measure_embedded(args, target, sets, levels, methods) -> dict:
+    params = SamplingParams(max_new_tokens=args.max_tokens)
+    engine = Engine(target, EngineConfig(max_batch=max(levels)))
+    for method in methods:  # warm-up (allocator, oneDNN reorders, matrix load): unmeasured
+        engine.run_many(sets["mtbench"][:2], params.model_copy(update={"max_new_tokens": 8}), make_drafter(method, target), 2)
+    out: dict = {}
+    for c in levels:
+        drafters = {m: make_drafter(m, target) for m in methods}  # fresh per level: no cross-level learning
+        for name, inputs in sets.items():
+            for m in methods:
+                out[f"{name}/{m}/{c}"] = run_embedded(engine, drafters[m], inputs, params, c)
+                print(f"embedded {name} {m} c={c}: {out[f'{name}/{m}/{c}']['tokens_per_second']} tok/s",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def measure_served(args, sets, levels, methods) -> dict:
+    from ray import serve
+
+    from deploy import local
+    from deploy.app import build_app
+    from deploy.config import DeploymentOptions, ServeConfig
+    from specd.client import SpecdClient
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cfg = ServeConfig(model=args.model, default_method="ar", http_port=ports[0], grpc_port=ports[1],
+                      max_batch=max(levels), verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
+    out: dict = {}
+    local.start(cfg, extra_resources={"verify_pool": 1})
+    try:
+        for c in levels:
+            serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/")  # fresh replicas
+            factory = lambda: SpecdClient(f"127.0.0.1:{cfg.grpc_port}", application=cfg.name, timeout=1200)  # noqa: E731
+            for m in methods:  # warm-up
+                run_served(factory, sets["mtbench"][:2], m, 8, 2)
+            for name, inputs in sets.items():
+                for m in methods:
+                    out[f"{name}/{m}/{c}"] = run_served(factory, inputs, m, args.max_tokens, c)
+                    print(f"served {name} {m} c={c}: {out[f'{name}/{m}/{c}']['tokens_per_second']} tok/s",
+                          file=sys.stderr, flush=True)
+            serve.delete(cfg.name)
+    finally:
+        local.stop()
+    return out
+
+
+def measure_memory(target) -> dict:
+    """16 requests of ~1k prompt tokens each, decoded together (ar, 16 new tokens each)."""
+    texts = [r["prompt"] for r in mtbench_prompts()]
+    ids = target.tokenizer(" ".join(texts))["input_ids"]
+    prompts = [ids[i * 97 : i * 97 + 1000] for i in range(16)]
+    engine = Engine(target, EngineConfig(max_batch=16, prefill_chunk=512))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(p, params, make_drafter("ar", target), f"m{i}")
+    peak_bytes = peak_tokens = 0
+    while engine.has_work():
+        engine.step()
+        kv = engine.verifier.kv
+        if kv.nbytes() > peak_bytes:
+            peak_bytes, peak_tokens = kv.nbytes(), kv.tokens_held()
+    cfg = target.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    return {"requests": 16, "prompt_tokens_each": 1000, "kv_bytes_per_token_model": per_token,
+            "kv_peak_bytes": peak_bytes, "kv_tokens_held_at_peak": peak_tokens,
+            "kv_bytes_per_held_token": round(peak_bytes / max(1, peak_tokens), 1),
+            "full_context_bytes_per_slot": per_token * cfg.max_position_embeddings,
+            "peak_rss_mb_before": round(rss_before / 1024, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def compare(results: dict, levels, methods) -> dict:
+    """Greedy identity: every level's outputs against the same method at c=1, and aded against ar."""
+    out = {}
+    for key, r in results.items():
+        side, name, m, c = key.split("/")
+        base = results.get(f"{side}/{name}/{m}/1") or results.get(f"embedded/{name}/{m}/1")
+        ar = results.get(f"embedded/{name}/ar/1")
+        out[key] = {"requests_differing_from_c1": sum(a["tokens"] != b["tokens"] for a, b in zip(r["rows"], base["rows"])),
+                    "requests_differing_from_ar": sum(a["tokens"] != b["tokens"] for a, b in zip(r["rows"], ar["rows"]))
+                    if ar else None}
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, ("mtbench", "humaneval")):
+        for key, r in sorted(report["summary"].items()):
+            side, s, m = key.split("/")
+            if s == name:
+                levels = sorted(int(c) for c in r)
+                ax.plot(levels, [r[str(c)]["tokens_per_second"] for c in levels], marker="o",
+                        linestyle="-" if side == "embedded" else "--", label=f"{m} {side}")
+        ax.set(title=f"{name}: aggregate tokens/s", xlabel="concurrent requests", xscale="log", ylabel="tok/s")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    served_levels = [int(c) for c in args.served_concurrency.split(",") if c]
+    methods = args.methods.split(",")
+    target = load_model(args.model)
+    sets = {"mtbench": [chat_ids(target.tokenizer, r["prompt"]) for r in mtbench_prompts()[: args.prompts]],
+            "humaneval": [chat_ids(target.tokenizer, r["prompt"]) for r in humaneval_prompts()[: args.prompts]]}
+    results = {f"embedded/{k}": v for k, v in measure_embedded(args, target, sets, levels, methods).items()}
+    if served_levels:
+        results |= {f"served/{k}": v for k, v in measure_served(args, sets, served_levels, methods).items()}
+    summary: dict = {}
+    for key, r in results.items():
+        side, name, m, c = key.split("/")
+        summary.setdefault(f"{side}/{name}/{m}", {})[c] = {k: v for k, v in r.items() if k != "rows"}
+    ratios = {}
+    for name in sets:
+        ar1 = summary[f"embedded/{name}/ar"]["1"]["tokens_per_second"]
+        for c in levels:
+            row = {"ar_vs_ar1": round(summary[f"embedded/{name}/ar"][str(c)]["tokens_per_second"] / ar1, 3)}
+            if "aded" in methods:
+                row["aded_vs_ar"] = round(summary[f"embedded/{name}/aded"][str(c)]["tokens_per_second"]
+                                          / summary[f"embedded/{name}/ar"][str(c)]["tokens_per_second"], 3)
+            for m in methods:
+                if f"served/{name}/{m}" in summary and str(c) in summary[f"served/{name}/{m}"]:
+                    row[f"served_vs_embedded_{m}"] = round(summary[f"served/{name}/{m}"][str(c)]["tokens_per_second"]
+                                                           / summary[f"embedded/{name}/{m}"][str(c)]["tokens_per_second"], 3)
+            ratios[f"{name}/{c}"] = row
+    report = {"command": " ".join(["python", *sys.argv]), "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.torch_threads},
+              "summary": summary, "ratios": ratios, "identity": compare(results, levels, methods)}
+    if not args.skip_memory:
+        report["memory"] = measure_memory(target)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batching.json").write_text(json.dumps(report, indent=1))
+    plot(report, args.out / "batching.png")
+    print(json.dumps({"ratios": ratios, "memory": report.get("memory")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
