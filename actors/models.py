@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -128,6 +128,21 @@ class LoadedModel:
             if value is not None:
                 ids.update([value] if isinstance(value, int) else value)
         return ids
+
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        """``prompt`` as token ids: one user turn through the chat template when ``chat``, else plain text."""
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None, chat: bool,
+                  messages: Sequence[dict] | None = None) -> list[int]:
+    """The one prompt encoding: ``messages`` (or ``prompt`` as one user turn when ``chat``) through the chat
+    template with the assistant's turn opened, else ``prompt`` with the tokenizer's special tokens."""
+    if messages is None and not chat:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    messages = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -39,7 +39,7 @@ from deploy.app import build_app  # noqa: E402
 from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
 from deploy.drafters import build_drafters  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
-from specd.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
+from specd.bench.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
