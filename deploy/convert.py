@@ -12,7 +12,7 @@ from actors.drafter import Feedback
 from actors.engine import GenerationStats, StepOutput
 from actors.sampling import SamplingParams
 from deploy.request import ChatMessage, GenerationRequest, validated
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 FINISH_NAME = {v: k for k, v in FINISH.items()}

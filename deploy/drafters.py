@@ -29,7 +29,7 @@ from actors.sampling import SamplingParams
 from deploy.config import ServeConfig
 from deploy.convert import (draft_from_proto, draft_to_proto, feedback_from_proto, feedback_to_proto,
                             params_from_step, params_to_sampling)
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 log = logging.getLogger("specd.serve")
 

@@ -22,7 +22,7 @@ from deploy.metrics import ingress_metrics
 from deploy.openai import DONE, ChatRequest, CompletionRequest, Renderer, error_body
 from deploy.request import GenerationRequest, RequestError, error_message
 from deploy.verifier import ServedChunk
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 SERVICES = ("", "specd.v1.Specd")  # what grpc.health.v1 reports on ("" = the server as a whole)
 HEALTH_TTL_S = 1.0  # probes from many load balancers share one verifier round trip

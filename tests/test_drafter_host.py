@@ -10,7 +10,7 @@ from actors.models import load_model
 from actors.sampling import SamplingParams
 from deploy.convert import draft_from_proto, draft_to_proto, params_to_sampling
 from deploy.drafters import DrafterHost
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 
 def _step(rid: str, context: list[int], prompt_len: int) -> pb.DraftStepRequest:
