@@ -26,9 +26,12 @@ class Draft:
     # chosen without sampling (deterministic, or random but independent of the target): acceptance then
     # treats every node as a point-mass proposal, which is exact for any such tree.
     q: torch.Tensor | None = None  # [n, vocab] float32
-    # Annotations: ``info["logq"]`` ([n] log q per node) is read by the MTAD/MMTAD acceptance rules and
-    # crosses the wire with the draft; anything else is drafter-private and ignored by the engine.
+    # Drafter-private annotations (e.g. ADED's calibration buckets): ignored by the engine, never sent.
     info: dict = field(default_factory=dict)
+    # [n] float64 log q of each node's token given its path, or [0] when the drafter has none. Read by the
+    # MTAD/MMTAD acceptance rules (a drafter whose ``acceptance`` is one of them must fill it) and sent
+    # with the draft (``DraftTree.logq``).
+    logq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64), kw_only=True)
 
     def __post_init__(self) -> None:
         tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
@@ -39,8 +42,12 @@ class Draft:
             raise ValueError("every parent index must be -1 or an earlier node")
         if self.q is not None and self.q.shape[0] != len(tokens):
             raise ValueError(f"q has {self.q.shape[0]} rows for {len(tokens)} nodes")
+        logq = np.asarray(self.logq, dtype=np.float64).reshape(-1)
+        if len(logq) not in (0, len(tokens)):
+            raise ValueError(f"logq has {len(logq)} entries for {len(tokens)} nodes")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "logq", logq)
 
     @classmethod
     def empty(cls) -> Draft:

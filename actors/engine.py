@@ -149,7 +149,7 @@ class Engine:
         except BaseException:
             self.verifier.finish(seq)
             raise
-        stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")
+        stats = GenerationStats(prompt_tokens=len(prompt), lossless=drafter.acceptance == "exact")
         gen = torch.Generator().manual_seed(seed)
         return _Request(rid, params, drafter, seq, gen, Detokenizer(self.target.tokenizer), stats)
 
@@ -181,7 +181,7 @@ class Engine:
         if req.params.greedy:  # also MTAD's rule at temperature 0 (one-hot p and q, tau < 1)
             return accept_greedy(draft, logits.argmax(-1))
         p = warp(logits, req.params)
-        rule, logq = _rule(req.drafter), draft.info.get("logq", ())  # [n] the drafter's log q per node
+        rule, logq = req.drafter.acceptance, draft.logq  # [n] the drafter's log q per node
         if rule == "mtad":
             return accept_mtad(draft.tokens, logq, p.log(), req.drafter.tau, req.generator)
         if rule == "mmtad":
@@ -226,8 +226,3 @@ class Engine:
         delta, req.sent = detok.text[req.sent : end], end
         req.stats.new_tokens = len(req.output)
         return StepOutput(emitted, delta, reason, req.stats)
-
-
-def _rule(drafter: Drafter) -> str:
-    """The drafter's acceptance rule: "exact" (lossless) unless it names an approximate one ("mtad", "mmtad")."""
-    return getattr(drafter, "acceptance", "exact")

@@ -129,18 +129,18 @@ class LoadedModel:
                 ids.update([value] if isinstance(value, int) else value)
         return ids
 
-    def encode(self, prompt: str, chat: bool) -> list[int]:
-        """``prompt`` as token ids: one user turn through the chat template when ``chat``, else plain text."""
+    def encode(self, prompt: str | Sequence[dict], chat: bool) -> list[int]:
+        """``prompt`` as token ids (see :func:`encode_prompt`)."""
         return encode_prompt(self.tokenizer, prompt, chat)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None, chat: bool,
-                  messages: Sequence[dict] | None = None) -> list[int]:
-    """The one prompt encoding: ``messages`` (or ``prompt`` as one user turn when ``chat``) through the chat
-    template with the assistant's turn opened, else ``prompt`` with the tokenizer's special tokens."""
-    if messages is None and not chat:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict], chat: bool) -> list[int]:
+    """The one prompt encoding. Text is one user turn through the chat template (assistant turn opened) when
+    ``chat``, else plain text with the tokenizer's special tokens; chat messages (``{"role", "content"}``
+    dicts) always go through the template."""
+    if isinstance(prompt, str) and not chat:
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    messages = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(enc["input_ids"])
 

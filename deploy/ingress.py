@@ -76,7 +76,8 @@ class Ingress:
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         d = await self.verifier.describe.remote()
-        methods = [pb.MethodInfo(name=m, lossless=METHODS[m][0], description=METHODS[m][1]) for m in d["methods"]]
+        methods = [pb.MethodInfo(name=m, lossless=METHODS[m].lossless, description=METHODS[m].description)
+                   for m in d["methods"]]
         return pb.ListModelsResponse(model=d["model"], methods=methods, default_method=d["default_method"],
                                      max_context=d["max_context"], max_tokens_limit=d["max_tokens_limit"],
                                      chat=d["chat"])

@@ -129,7 +129,6 @@ class VerifierServer:
         return ids, drafter, method
 
     def _encode(self, req: GenerationRequest) -> list[int]:
-        tok = self.target.tokenizer
         if req.prompt_ids is not None:
             vocab = self.target.model.config.vocab_size
             if any(not 0 <= t < vocab for t in req.prompt_ids):
@@ -138,16 +137,14 @@ class VerifierServer:
         if req.messages is not None:
             if not self.target.is_chat:
                 raise RequestError(f"{self.cfg.model} has no chat template; send a prompt instead of messages")
-            messages = [m.model_dump() for m in req.messages]
-            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return list(tok(req.prompt, add_special_tokens=True)["input_ids"])
+            return self.target.encode([m.model_dump() for m in req.messages], chat=True)
+        return self.target.encode(req.prompt, chat=False)
 
     def _drive(self, ids: list[int], req: GenerationRequest, drafter: Drafter, method: str, emit,
                stop: threading.Event) -> None:
         """Worker thread: run the engine generator, emitting each step, until done or stopped."""
         gen = self.engine.generate(ids, req.params, drafter, req.request_id)
-        lossless = METHODS[method][0]
+        lossless = METHODS[method].lossless
         try:
             for out in gen:
                 stats = copy.copy(out.stats)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
+from actors.drafter import DraftOptions
 from actors.models import DEFAULT_MODEL
 from specd.common import UsageError
 from specd.serve_cmd import generate_remote
@@ -49,10 +51,9 @@ def _add_drafting_flags(g) -> None:
                         "are APPROXIMATE: lower perplexity, not the target's exact distribution (their stats say "
                         "lossless: false)")
     d.add_argument("--draft-model", help="auxiliary draft model for sd/mtad/mmtad (same tokenizer)")
-    d.add_argument("--gamma", type=int, default=None, help="draft length for sd/mtad/mmtad (default 4)")
-    d.add_argument("--beam-width", type=int, default=None, help="mtad/mmtad: beams per draft depth (default 4)")
-    d.add_argument("--tau", type=float, default=None,
-                   help="mtad/mmtad: accept the longest prefix with joint p/q > tau (default 0.5; larger accepts less)")
+    for name, field in DraftOptions.model_fields.items():  # --gamma, --beam-width, --tau
+        kind = next(t for t in typing.get_args(field.annotation) if t is not type(None))
+        d.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=field.description)
     d.add_argument("--max-draft-tokens", type=int, default=64, help="cap on draft nodes verified per step")
 
 
@@ -68,6 +69,11 @@ def _add_output_flags(g) -> None:
     o = g.add_argument_group("output")
     o.add_argument("--stream", action="store_true", help="print text as it is accepted")
     o.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
+
+
+def draft_options(args) -> dict:
+    """The per-request drafting options the flags set (None = the drafter's default)."""
+    return {name: getattr(args, name) for name in DraftOptions.model_fields}
 
 
 def read_prompts(args) -> list[str]:
@@ -154,8 +160,7 @@ def _generate(args, prompts: list[str], params, config) -> int:
     try:
         draft = load_model(args.draft_model, device=device) if args.draft_model else None
         try:
-            drafter = with_options(make_drafter(args.method, target, draft), gamma=args.gamma,
-                                   beam_width=args.beam_width, tau=args.tau)
+            drafter = with_options(make_drafter(args.method, target, draft), **draft_options(args))
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}") from None
         chat = target.is_chat if args.chat is None else args.chat
@@ -164,7 +169,7 @@ def _generate(args, prompts: list[str], params, config) -> int:
         for prompt in prompts:
             result = _run_one(engine, target.encode(prompt, chat), params, drafter,
                               stream=args.stream and not args.json)
-            stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method][0]}
+            stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method].lossless}
             if args.json:
                 print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
                                   "finish_reason": result.finish_reason, "stats": stats}), flush=True)

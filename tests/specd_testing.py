@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.sampling import SamplingParams, warp
 
 
-class TreeDrafter:
+class TreeDrafter(BaseDrafter):
     """Drafts random trees; with ``oracle`` (the expected continuation of the whole sequence) it hides the
     right path, possibly behind wrong or duplicate siblings, so the engine must pick it out."""
 

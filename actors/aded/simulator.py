@@ -24,7 +24,8 @@ import torch
 
 from actors.cost import CostModel
 from actors.draft import Draft
-from actors.drafter import Drafter, Feedback
+from actors.drafter import BaseDrafter, Drafter, Feedback
+from actors.models import encode_prompt
 from actors.sampling import SamplingParams
 
 # SmolLM2-135M verify cost on this project's 2-core CPU (fp32, 2 threads), per linear kernel (actors.kernels):
@@ -83,11 +84,7 @@ def record_traces(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
     """Greedy-generate each prompt with HF ``generate`` and keep the target's top-k at every step."""
     traces = []
     for prompt in prompts:
-        if chat and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(tokenizer, prompt, chat and bool(tokenizer.chat_template))])  # [1, L]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
         generated = out.sequences[0, ids.shape[1]:].tolist()
@@ -212,7 +209,7 @@ def replay(drafter: Drafter, traces: Sequence[Trace], cost: CostModel | None = N
     return res
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(BaseDrafter):
     """Baseline: HF ``prompt_lookup_num_tokens`` (transformers' PromptLookupCandidateGenerator) as a Drafter.
 
     The first earlier occurrence of the last ``max_ngram`` .. 1 tokens, and the ``num_tokens`` after it,

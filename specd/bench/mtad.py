@@ -97,7 +97,7 @@ def _run(engine: Engine, name: str, drafter, item: dict, ids: list[int], params:
         "id": item["id"], "method": name, "temperature": params.temperature, "seed": params.seed,
         "new_tokens": len(out.token_ids), "seconds": round(seconds, 3), "target_forwards": s.target_forwards,
         "accepted_tokens": s.accepted_tokens, "drafted_tokens": s.drafted_tokens,
-        "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name][0] if name in METHODS else True,
+        "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name].lossless if name in METHODS else True,
         "mean_logp": mean_target_logp(engine.target, ids, out.token_ids),
         "passed": humaneval_passes(item, out.text), "text": out.text,
     }
