@@ -1,8 +1,8 @@
 """The measured cost of one verify forward as a function of tokens fed and context length.
 
-On a GPU that cost is nearly flat in k for small k; on a CPU it is not (k=8 costs ~2.7x k=1 for
-SmolLM2 here), so any draft budget must read this curve. The curve comes from ``specd profile``
-(see actors/profile.py) and is saved as JSON:
+On a GPU that cost is nearly flat in k for small k; on a CPU it is not (see the SmolLM2 curves in
+``actors/data/smollm2-135m-cpu-verify-cost.json``), so any draft budget must read this curve. The curve
+comes from ``specd profile`` (see actors/profile.py) and is saved as JSON:
 
     {"k": [1, 2, ...], "context_lengths": [64, 256, ...], "seconds": [[t(k, ctx) for k] for ctx], ...}
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,20 @@ class CostModel:
     def relative(self, n_tokens: int, context_len: int) -> float:
         """Cost of ``n_tokens`` as a multiple of a plain one-token decode step at the same context."""
         return self.forward_seconds(n_tokens, context_len) / self.forward_seconds(1, context_len)
+
+
+#: SmolLM2-135M's measured CPU curves, one per linear kernel, with the machine and how they were measured.
+SMOLLM2_CPU_COST_PATH = Path(__file__).parent / "data" / "smollm2-135m-cpu-verify-cost.json"
+
+
+@lru_cache(maxsize=1)
+def _smollm2_cpu_profiles() -> dict[str, dict]:
+    return json.loads(SMOLLM2_CPU_COST_PATH.read_text())["kernels"]
+
+
+def smollm2_cpu_cost(kernels: str = "torch") -> CostModel:
+    """SmolLM2-135M's curve for these linear kernels (the torch one for kernels never measured): the ADED
+    budget's fallback when ``specd profile`` has not been run for the target. A steeper curve than the
+    target's only makes the budget cautious, never slower than plain decoding."""
+    profiles = _smollm2_cpu_profiles()
+    return CostModel.from_profile(profiles[kernels if kernels in profiles else "torch"])
