@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,20 @@ class CostModel:
     def relative(self, n_tokens: int, context_len: int) -> float:
         """Cost of ``n_tokens`` as a multiple of a plain one-token decode step at the same context."""
         return self.forward_seconds(n_tokens, context_len) / self.forward_seconds(1, context_len)
+
+
+#: SmolLM2-135M's measured CPU curves, one per linear kernel, with the machine and how they were measured.
+SMOLLM2_CPU_COST_PATH = Path(__file__).parent / "data" / "smollm2-135m-cpu-verify-cost.json"
+
+
+@lru_cache(maxsize=1)
+def _smollm2_cpu_profiles() -> dict[str, dict]:
+    return json.loads(SMOLLM2_CPU_COST_PATH.read_text())["kernels"]
+
+
+def smollm2_cpu_cost(kernels: str = "torch") -> CostModel:
+    """SmolLM2-135M's curve for these linear kernels (the torch one for kernels never measured): the ADED
+    budget's fallback when ``specd profile`` has not been run for the target. A steeper curve than the
+    target's only makes the budget cautious, never slower than plain decoding."""
+    profiles = _smollm2_cpu_profiles()
+    return CostModel.from_profile(profiles[kernels if kernels in profiles else "torch"])

@@ -26,12 +26,15 @@ class Draft:
     # chosen without sampling (deterministic, or random but independent of the target): acceptance then
     # treats every node as a point-mass proposal, which is exact for any such tree.
     q: torch.Tensor | None = None  # [n, vocab] float32
-    # Annotations: ``info["logq"]`` ([n] log q per node) is read by the MTAD/MMTAD acceptance rules and
-    # crosses the wire with the draft; anything else is drafter-private and ignored by the engine.
+    # Drafter-private annotations (e.g. ADED's calibration buckets): ignored by the engine, never sent.
     info: dict = field(default_factory=dict)
     # Optional calibrated P(node i is on the accepted path), for drafts ranked so that every prefix is a
     # tree: the engine's batch budget may then verify only a prefix (actors.budget). None: verify all.
     p_accept: np.ndarray | None = None  # [n] float64
+    # [n] float64 log q of each node's token given its path, or [0] when the drafter has none. Read by the
+    # MTAD/MMTAD acceptance rules (a drafter whose ``acceptance`` is one of them must fill it) and sent
+    # with the draft (``DraftTree.logq``).
+    logq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64), kw_only=True)
 
     def __post_init__(self) -> None:
         tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
@@ -49,8 +52,12 @@ class Draft:
             if not np.all((p_accept >= 0) & (p_accept <= 1)):  # NaN fails too
                 raise ValueError("p_accept must be probabilities in [0, 1]")
             object.__setattr__(self, "p_accept", p_accept)
+        logq = np.asarray(self.logq, dtype=np.float64).reshape(-1)
+        if len(logq) not in (0, len(tokens)):
+            raise ValueError(f"logq has {len(logq)} entries for {len(tokens)} nodes")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "logq", logq)
 
     @classmethod
     def empty(cls) -> Draft:
@@ -72,7 +79,7 @@ class Draft:
                 for k, v in self.info.items()}
         q = None if self.q is None else self.q[:n]
         p = None if self.p_accept is None else self.p_accept[:n]
-        return Draft(self.tokens[:n], self.parents[:n], q, info, p)
+        return Draft(self.tokens[:n], self.parents[:n], q, info, p, logq=self.logq[:n])
 
     @property
     def is_chain(self) -> bool:

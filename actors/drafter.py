@@ -3,11 +3,15 @@
 A drafter is a library: it knows nothing of Ray, gRPC, Redis or the verifier. The engine drives a
 request through ``start -> (propose -> observe)* -> finish``.
 
-Acceptance is exact (lossless) unless a drafter names an approximate rule in an ``acceptance`` attribute:
-``"mtad"`` / ``"mmtad"`` (:class:`actors.mtad.MtadDrafter`, which also carries ``tau`` and puts each node's
-log q in ``Draft.info["logq"]``). Such requests report ``lossless: false``.
+Everything the engine and the serving layer read off a drafter is in :class:`Drafter`; nothing is read with
+a fallback. :class:`BaseDrafter` holds the defaults (exact acceptance, no ``tau``, no per-request options,
+no target top-k), so a drafter states only where it differs.
 
-Per-request options (``gamma``, ``beam_width``, ``tau``): a drafter lists the ones it takes in ``options``
+Acceptance is exact (lossless) unless a drafter names an approximate rule in ``acceptance``: ``"mtad"`` /
+``"mmtad"`` (:class:`actors.mtad.MtadDrafter`, which also sets ``tau`` and fills ``Draft.logq``). Such
+requests report ``lossless: false``.
+
+Per-request options are the fields of :class:`DraftOptions`: a drafter lists the ones it takes in ``options``
 and returns a view of itself with them from ``with_options(**kw)``; the view shares the drafter's model
 and per-request state, so it costs nothing. :func:`with_options` is the checked entry point.
 """
@@ -15,10 +19,11 @@ and per-request state, so it costs nothing. :func:`with_options` is the checked 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.draft import Draft
 from actors.sampling import SamplingParams
@@ -37,6 +42,22 @@ class Feedback:
     target_topk: torch.Tensor | None = None
 
 
+#: The rule the engine applies to a drafter's drafts: "exact" (lossless rejection sampling / greedy path) or
+#: an approximate joint rule of :mod:`actors.acceptance` (``accept_mtad`` / ``accept_mmtad``).
+AcceptanceRule = Literal["exact", "mtad", "mmtad"]
+
+
+class DraftOptions(BaseModel):
+    """Per-request drafting options: the one list of their names, bounds and meanings (unset = the drafter's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gamma: int | None = Field(None, ge=1, description="sd / mtad / mmtad: draft depth (default 4).")
+    beam_width: int | None = Field(None, ge=1, description="mtad / mmtad: beams per draft depth (default 4).")
+    tau: float | None = Field(None, gt=0, description="mtad / mmtad: accept the longest prefix with joint p/q > tau "
+                                                      "(default 0.5; larger accepts less).")
+
+
 @runtime_checkable
 class Drafter(Protocol):
     #: How many of the target's top tokens per verified node ``observe`` wants (0 = none).
@@ -44,6 +65,12 @@ class Drafter(Protocol):
     #: ``propose`` mostly waits on another process (a remote drafter): the engine then drafts every
     #: request of a step concurrently, so a step costs one round trip, not one per request.
     blocking: bool
+    #: The engine's rule for this drafter's drafts; anything but "exact" makes a request ``lossless: false``.
+    acceptance: AcceptanceRule
+    #: The threshold of the mtad / mmtad rules (None for "exact").
+    tau: float | None
+    #: The :class:`DraftOptions` fields ``with_options`` takes.
+    options: tuple[str, ...]
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None: ...
 
@@ -59,26 +86,45 @@ class Drafter(Protocol):
 
     def finish(self, request_id: str) -> None: ...
 
+    def with_options(self, **options) -> Drafter:
+        """A view with these ``options`` (a subset of ``self.options``, values set) sharing this drafter's state."""
+        ...
+
+
+class BaseDrafter:
+    """The protocol's defaults: exact acceptance, no tau, no per-request options, no target top-k."""
+
+    target_topk: int = 0
+    blocking: bool = False
+    acceptance: AcceptanceRule = "exact"
+    tau: float | None = None
+    options: tuple[str, ...] = ()
+
+    def with_options(self, **options) -> Drafter:
+        raise ValueError(f"{', '.join(sorted(options))}: this method takes no per-request options")
+
 
 def with_options(drafter: Drafter, **options) -> Drafter:
-    """``drafter`` with per-request options applied (``None`` values are ignored).
+    """``drafter`` with per-request options (:class:`DraftOptions` fields) applied; ``None`` values are ignored.
 
-    ValueError, naming the options, when the drafter does not take one: nothing a client sets is dropped.
+    ValueError with a one-line message when a value is out of bounds or the drafter does not take an option:
+    nothing a client sets is dropped.
     """
-    options = {k: v for k, v in options.items() if v is not None}
-    if not options:
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
         return drafter
-    unknown = sorted(set(options) - set(getattr(drafter, "options", ())))
+    unknown = sorted(set(given) - set(drafter.options))
     if unknown:
         raise ValueError(f"{', '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to this method")
-    return drafter.with_options(**options)
+    try:
+        DraftOptions(**given)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    return drafter.with_options(**given)
 
 
-class NoDrafter:
+class NoDrafter(BaseDrafter):
     """Plain autoregressive decoding: the same engine with an empty draft."""
-
-    target_topk = 0
-    blocking = False
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         pass

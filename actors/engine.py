@@ -118,7 +118,7 @@ class Engine:
             raise ValueError(f"request_id {rid!r} is already generating")
         prompt = self.verifier.check_prompt(prompt_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        stats = GenerationStats(prompt_tokens=len(prompt), lossless=_rule(drafter) == "exact")
+        stats = GenerationStats(prompt_tokens=len(prompt), lossless=drafter.acceptance == "exact")
         req = _Request(rid, params, drafter, None, torch.Generator().manual_seed(seed),
                        Detokenizer(self.target.tokenizer), stats, time.perf_counter(), prompt)
         self._requests[rid] = req
@@ -244,7 +244,7 @@ class Engine:
         if req.params.greedy:  # also MTAD's rule at temperature 0 (one-hot p and q, tau < 1)
             return accept_greedy(draft, logits.argmax(-1))
         p = warp(logits, req.params)
-        rule, logq = _rule(req.drafter), draft.info.get("logq", ())  # [n] the drafter's log q per node
+        rule, logq = req.drafter.acceptance, draft.logq  # [n] the drafter's log q per node
         if rule == "mtad":
             return accept_mtad(draft.tokens, logq, p.log(), req.drafter.tau, req.generator)
         if rule == "mmtad":
@@ -359,11 +359,6 @@ def _collect(outputs: Iterator[StepOutput]) -> Generation:
         text.append(out.text)
         reason, stats = out.finish_reason or reason, out.stats
     return Generation(ids, "".join(text), reason, stats)
-
-
-def _rule(drafter: Drafter) -> str:
-    """The drafter's acceptance rule: "exact" (lossless) unless it names an approximate one ("mtad", "mmtad")."""
-    return getattr(drafter, "acceptance", "exact")
 
 
 def default_cost(target: LoadedModel) -> CostModel:

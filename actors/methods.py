@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from actors.drafter import Drafter, NoDrafter
 from actors.models import LoadedModel
 
@@ -10,14 +12,19 @@ class MethodUnavailable(ValueError):
     """The method exists but cannot run with what was given (or is not built yet)."""
 
 
-#: name -> (lossless, one-line description)
-METHODS: dict[str, tuple[bool, str]] = {
+class MethodSpec(NamedTuple):
+    lossless: bool  # exact: the target's distribution (greedy: its greedy output); False = approximate by design
+    description: str  # one line, shown by ListModels
+
+
+#: name -> MethodSpec(lossless, description)
+METHODS: dict[str, MethodSpec] = {name: MethodSpec(*spec) for name, spec in {
     "ar": (True, "plain autoregressive decoding (the baseline)"),
     "sd": (True, "standard speculative decoding with an auxiliary draft model (lossless)"),
     "aded": (True, "ADED: adaptive tri-gram matrix + MCTS draft trees, no draft model (lossless)"),
     "mtad": (False, "MTAD: auxiliary-model multi-token joint decoding (APPROXIMATE by design)"),
     "mmtad": (False, "MMTAD: MTAD keeping all beams as a draft tree (APPROXIMATE by design)"),
-}
+}.items()}
 
 
 def make_drafter(method: str, target: LoadedModel, draft: LoadedModel | None = None, **options) -> Drafter:

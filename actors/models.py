@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -128,6 +128,21 @@ class LoadedModel:
             if value is not None:
                 ids.update([value] if isinstance(value, int) else value)
         return ids
+
+    def encode(self, prompt: str | Sequence[dict], chat: bool) -> list[int]:
+        """``prompt`` as token ids (see :func:`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict], chat: bool) -> list[int]:
+    """The one prompt encoding. Text is one user turn through the chat template (assistant turn opened) when
+    ``chat``, else plain text with the tokenizer's special tokens; chat messages (``{"role", "content"}``
+    dicts) always go through the template."""
+    if isinstance(prompt, str) and not chat:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:

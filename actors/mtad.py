@@ -18,7 +18,7 @@ NOT distributed as the target's; every response says so (``lossless: false``). A
 one-hot, beam sampling degenerates to the draft's greedy chain and the engine uses the greedy rule, which is
 what MTAD's rule reduces to for ``tau < 1``: the output is then identical to plain greedy decoding.
 
-Each drafted node's ``log q`` travels in ``Draft.info["logq"]`` ([n] float64), the rule's input.
+Each drafted node's ``log q`` travels in ``Draft.logq`` ([n] float64), the rule's input.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.kv import KVSequence
 from actors.sampling import SamplingParams, warp
 from actors.sd import draft_generator, sync_to_context
@@ -153,15 +153,13 @@ class _State:
     pending: _Pending | None = None  # the last draft, until observe() compacts the cache to its accepted path
 
 
-class MtadDrafter:
+class MtadDrafter(BaseDrafter):
     """MTAD (``keep_all_beams=False``: best beam, a chain) or MMTAD (all beams, a tree). Approximate.
 
     ``gamma``: draft depth; ``beam_width``: beams per depth; ``tau``: the joint-ratio threshold of the acceptance
     rule (larger accepts less; ``inf`` accepts nothing and the engine then samples plainly from the target).
     """
 
-    target_topk = 0
-    blocking = False
     options = ("gamma", "beam_width", "tau")
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4, beam_width: int = 4, tau: float = 0.5,
@@ -208,9 +206,9 @@ class MtadDrafter:
         index = {v: i for i, v in enumerate(nodes)}
         parents = [index.get(tree.parents[v], -1) for v in nodes]
         st.pending = _Pending(base, nodes, slots)
-        info = {"logq": np.array([tree.logq[v] for v in nodes]),  # [n] read by the acceptance rule
-                "beam_weight": np.array([tree.weights[v] for v in nodes])}  # [n] summed log q of each node's path
-        return Draft(np.array([tree.tokens[v] for v in nodes], np.int64), np.array(parents, np.int64), info=info)
+        info = {"beam_weight": np.array([tree.weights[v] for v in nodes])}  # [n] summed log q of each node's path
+        return Draft(np.array([tree.tokens[v] for v in nodes], np.int64), np.array(parents, np.int64), info=info,
+                     logq=np.array([tree.logq[v] for v in nodes]))  # [n] read by the acceptance rule
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         """Keep only the accepted path's entries in the draft cache (exact: they sit at their depth's positions)."""

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from actors.cost import CostModel
+from actors.cost import CostModel, smollm2_cpu_cost
 from actors.kernels import kernels_of
 from actors.kv import BatchKV, RowInput, causal_row, tree_row
 from actors.models import LoadedModel, models_dir
@@ -115,6 +115,4 @@ def fallback_cost(target: LoadedModel) -> CostModel:
     budget cautious, never slower than plain decoding)."""
     if target.model.device.type != "cpu":
         return CostModel.flat()
-    from actors.aded.simulator import smollm2_cpu_cost
-
     return smollm2_cpu_cost(kernels_of(target.model))

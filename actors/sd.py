@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.kv import KVSequence
 from actors.sampling import SamplingParams, warp
 
@@ -50,9 +50,7 @@ def sync_to_context(kv: KVSequence, context: Sequence[int]) -> torch.Tensor:
     return kv.extend(context[common:])[-1]
 
 
-class ModelDrafter:
-    target_topk = 0
-    blocking = False
+class ModelDrafter(BaseDrafter):
     options = ("gamma",)
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4) -> None:

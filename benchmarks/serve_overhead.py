@@ -39,7 +39,7 @@ from deploy.app import build_app  # noqa: E402
 from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
 from deploy.drafters import build_drafters  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
-from specd.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
+from specd.bench.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,12 +79,8 @@ def prompts(n: int) -> list[str]:
     return [r["prompt"] for r in mtbench_prompts()[:half]] + [r["prompt"] for r in humaneval_prompts()[: n - half]]
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):  # tiny test models
-        return list(tokenizer(prompt)["input_ids"])[:200]
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)
-    return list(enc["input_ids"])
+def chat_ids(target, prompt: str) -> list[int]:
+    return target.encode(prompt, chat=True) if target.is_chat else target.encode(prompt, chat=False)[:200]  # tiny
 
 
 def run_embedded(engine, drafter, ids, max_tokens) -> dict:
@@ -126,7 +122,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"method {args.method!r} cannot run here (see the warning above)")
     embedded = {"ar": make_drafter("ar", target), args.method: local_drafters[args.method]}
     texts = prompts(args.prompts)
-    inputs = [chat_ids(target.tokenizer, p) for p in texts]
+    inputs = [chat_ids(target, p) for p in texts]
 
     local.start(cfgs["remote"], extra_resources={"verify_pool": 1})
     try:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 
 from actors.aded import AdedDrafter, TrigramMatrix  # noqa: E402
 from actors.aded.corpus import default_matrix_path  # noqa: E402
-from actors.cost import CostModel  # noqa: E402
-from actors.aded.simulator import load_traces, replay_trace, shipped_traces, smollm2_cpu_cost  # noqa: E402
+from actors.cost import CostModel, smollm2_cpu_cost  # noqa: E402
+from actors.aded.simulator import load_traces, replay_trace, shipped_traces  # noqa: E402
 from shared_state import MemoryStore, RedisStore, StoreConfig  # noqa: E402
 
 SMOLLM2_IDENTITY = "237d1306abb03682"

@@ -20,7 +20,7 @@ from actors.models import DEFAULT_MODEL
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 GRPC_SERVICERS = (
-    "specd.v1.specd_pb2_grpc.add_SpecdServicer_to_server",
+    "specd_api.v1.specd_pb2_grpc.add_SpecdServicer_to_server",
     # The standard health service through Serve's gRPC proxy: with a single application no
     # `application` metadata is needed, so Kubernetes gRPC probes and load balancers can call it.
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",

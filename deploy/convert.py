@@ -1,4 +1,4 @@
-"""Conversions between specd.v1 proto messages and the project's own objects (no logic beyond that)."""
+"""Conversions between specd.v1 proto messages (specd_api.v1 stubs) and the project's own objects (nothing more)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import DraftOptions, Feedback
 from actors.engine import GenerationStats, StepOutput
 from actors.sampling import SamplingParams
 from deploy.request import ChatMessage, GenerationRequest, validated
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 FINISH_NAME = {v: k for k, v in FINISH.items()}
@@ -38,7 +38,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         GenerationRequest, request_id=msg.request_id or uuid.uuid4().hex, model=msg.model or None,
         method=msg.method or None, params=params, speculate=not drafting.disable_speculation,
         max_draft_tokens=drafting.max_draft_tokens if drafting.HasField("max_draft_tokens") else None,
-        **{k: getattr(drafting, k) for k in ("gamma", "beam_width", "tau") if drafting.HasField(k)}, **inputs,
+        **{k: getattr(drafting, k) for k in DraftOptions.model_fields if drafting.HasField(k)}, **inputs,
     )
 
 
@@ -75,8 +75,7 @@ def draft_to_proto(d: Draft) -> pb.DraftTree:
     if d.q is not None:
         msg.q_vocab = d.q.shape[1]
         msg.q = d.q.float().contiguous().numpy().astype("<f4").tobytes()
-    if "logq" in d.info:
-        msg.logq.extend(np.asarray(d.info["logq"], np.float64).tolist())
+    msg.logq.extend(d.logq.tolist())  # [n] or empty, like the field
     if d.p_accept is not None:
         msg.p_accept.extend(d.p_accept.tolist())
     return msg
@@ -86,9 +85,9 @@ def draft_from_proto(msg: pb.DraftTree) -> Draft:
     q = None
     if msg.q_vocab:
         q = torch.from_numpy(np.frombuffer(msg.q, "<f4").reshape(len(msg.tokens), msg.q_vocab).copy())
-    info = {"logq": np.asarray(msg.logq, np.float64)} if len(msg.logq) else {}
     p_accept = np.asarray(msg.p_accept, np.float64) if len(msg.p_accept) else None
-    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q, info, p_accept)
+    return Draft(np.asarray(msg.tokens, np.int64), np.asarray(msg.parents, np.int64), q, p_accept=p_accept,
+                 logq=np.asarray(msg.logq, np.float64))
 
 
 def feedback_to_proto(f: Feedback) -> pb.DraftFeedback:

@@ -22,14 +22,14 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from actors.draft import Draft
-from actors.drafter import Drafter, Feedback, with_options
+from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, with_options
 from actors.methods import MethodUnavailable, make_drafter
 from actors.models import LoadedModel
 from actors.sampling import SamplingParams
 from deploy.config import ServeConfig
 from deploy.convert import (draft_from_proto, draft_to_proto, feedback_from_proto, feedback_to_proto,
                             params_from_step, params_to_sampling)
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 log = logging.getLogger("specd.serve")
 
@@ -80,8 +80,8 @@ class DrafterHost:
 
     def info(self) -> dict[str, dict]:
         """method -> what the verifier's RemoteDrafter mirrors: top-k rows wanted, acceptance rule, options."""
-        return {m: {"target_topk": d.target_topk, "acceptance": getattr(d, "acceptance", "exact"),
-                    "tau": getattr(d, "tau", None), "options": tuple(getattr(d, "options", ()))}
+        return {m: {"target_topk": d.target_topk, "acceptance": d.acceptance, "tau": d.tau,
+                    "options": tuple(d.options)}
                 for m, d in self.drafters.items()}
 
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
@@ -134,7 +134,7 @@ class RemoteDrafter:
     method: str
     target_topk: int
     affinity: bool = True
-    acceptance: str = "exact"  # the remote drafter's rule, applied here by the engine (mtad / mmtad)
+    acceptance: AcceptanceRule = "exact"  # the remote drafter's rule, applied here by the engine (mtad / mmtad)
     tau: float | None = None  # mtad / mmtad threshold, read by the engine's acceptance
     options: tuple[str, ...] = ()  # per-request options the remote drafter takes
     gamma: int | None = None  # this view's per-request options, sent with every step
@@ -181,7 +181,7 @@ class RemoteDrafter:
 
 
 @dataclass
-class CappedDrafter:
+class CappedDrafter(BaseDrafter):
     """A per-request draft budget over a shared drafter: at most ``cap`` nodes per step."""
 
     inner: Drafter
@@ -196,12 +196,12 @@ class CappedDrafter:
         return self.inner.blocking
 
     @property
-    def acceptance(self) -> str:  # the engine must apply the inner drafter's rule (mtad is approximate)
-        return getattr(self.inner, "acceptance", "exact")
+    def acceptance(self) -> AcceptanceRule:  # the engine must apply the inner drafter's rule (mtad is approximate)
+        return self.inner.acceptance
 
     @property
     def tau(self) -> float | None:
-        return getattr(self.inner, "tau", None)
+        return self.inner.tau
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.inner.start(request_id, prompt_ids, params)

@@ -22,7 +22,7 @@ from deploy.metrics import ingress_metrics
 from deploy.openai import DONE, ChatRequest, CompletionRequest, Renderer, error_body
 from deploy.request import GenerationRequest, RequestError, error_message
 from deploy.verifier import ServedChunk
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 SERVICES = ("", "specd.v1.Specd")  # what grpc.health.v1 reports on ("" = the server as a whole)
 HEALTH_TTL_S = 1.0  # probes from many load balancers share one verifier round trip
@@ -76,7 +76,8 @@ class Ingress:
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         d = await self.verifier.describe.remote()
-        methods = [pb.MethodInfo(name=m, lossless=METHODS[m][0], description=METHODS[m][1]) for m in d["methods"]]
+        methods = [pb.MethodInfo(name=m, lossless=METHODS[m].lossless, description=METHODS[m].description)
+                   for m in d["methods"]]
         return pb.ListModelsResponse(model=d["model"], methods=methods, default_method=d["default_method"],
                                      max_context=d["max_context"], max_tokens_limit=d["max_tokens_limit"],
                                      chat=d["chat"])

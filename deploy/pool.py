@@ -10,7 +10,7 @@ from actors.models import load_model
 from deploy.config import ServeConfig
 from deploy.drafters import DrafterHost, build_drafters
 from deploy.metrics import pool_metrics
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 
 class DrafterPool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.drafter import DraftOptions
 from actors.sampling import SamplingParams
 
 
@@ -35,7 +36,7 @@ class GenerationRequest(BaseModel):
     tau: float | None = Field(None, gt=0, description="mtad / mmtad: joint likelihood-ratio threshold.")
 
     def draft_options(self) -> dict:
-        return {"gamma": self.gamma, "beam_width": self.beam_width, "tau": self.tau}
+        return {name: getattr(self, name) for name in DraftOptions.model_fields}
 
     @model_validator(mode="after")
     def _one_nonempty_input(self) -> GenerationRequest:

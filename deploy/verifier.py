@@ -81,7 +81,7 @@ class VerifierServer:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
         arrived = time.perf_counter()
         ids, drafter, method = self._prepare(req)
-        lossless = METHODS[method][0]
+        lossless = METHODS[method].lossless
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the loop thread
         self.loop.submit(ids, req.params, drafter, req.request_id, sink)
@@ -131,7 +131,6 @@ class VerifierServer:
         return ids, drafter, method
 
     def _encode(self, req: GenerationRequest) -> list[int]:
-        tok = self.target.tokenizer
         if req.prompt_ids is not None:
             vocab = self.target.model.config.vocab_size
             if any(not 0 <= t < vocab for t in req.prompt_ids):
@@ -140,10 +139,8 @@ class VerifierServer:
         if req.messages is not None:
             if not self.target.is_chat:
                 raise RequestError(f"{self.cfg.model} has no chat template; send a prompt instead of messages")
-            messages = [m.model_dump() for m in req.messages]
-            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return list(tok(req.prompt, add_special_tokens=True)["input_ids"])
+            return self.target.encode([m.model_dump() for m in req.messages], chat=True)
+        return self.target.encode(req.prompt, chat=False)
 
     def _observe(self, method: str, last: StepOutput | None, out: StepOutput, arrived: float, prev: float) -> float:
         """Record one step's metrics; returns the time of this step's tokens."""

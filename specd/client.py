@@ -13,8 +13,8 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specd.v1 import specd_pb2 as pb
-from specd.v1 import specd_pb2_grpc
+from specd_api.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2_grpc
 
 
 def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,

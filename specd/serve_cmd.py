@@ -100,16 +100,17 @@ def generate_remote(args, prompts: list[str]) -> int:
     """`specd generate --server HOST:PORT`: the same output as the embedded engine, over gRPC."""
     import grpc
 
+    from actors.drafter import DraftOptions
     from specd.client import SpecdClient
 
+    draft_options = {name: getattr(args, name) for name in DraftOptions.model_fields}
     with SpecdClient(args.server) as c:
         try:
             chat = c.models().chat if args.chat is None else args.chat
             for prompt in prompts:
                 kwargs = dict(max_tokens=args.max_new_tokens, method=args.method or "", temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                              max_draft_tokens=args.max_draft_tokens, gamma=args.gamma, beam_width=args.beam_width,
-                              tau=args.tau)
+                              max_draft_tokens=args.max_draft_tokens, **draft_options)
                 if chat:
                     kwargs["messages"] = [{"role": "user", "content": prompt}]
                 _one(c, None if chat else prompt, args, kwargs, prompt)

@@ -6,16 +6,15 @@ import numpy as np
 import torch
 
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.sampling import SamplingParams, warp
 
 
-class TreeDrafter:
+class TreeDrafter(BaseDrafter):
     """Drafts random trees; with ``oracle`` (the expected continuation of the whole sequence) it hides the
     right path, possibly behind wrong or duplicate siblings, so the engine must pick it out."""
 
     target_topk = 0
-    blocking = False
 
     def __init__(self, vocab: int, seed: int, oracle: list[int] | None = None, mode: str = "random",
                  size: int = 8) -> None:

@@ -13,10 +13,10 @@ from actors.aded.budget import SUFFIX, BudgetConfig, Calibrator, choose_budget
 from actors.aded.drafter import AdedConfig, AdedDrafter
 from actors.aded.mcts import MctsConfig, mcts_paths, run_mcts
 from actors.aded.ngram import NGramConfig, NGramModel
-from actors.aded.simulator import PromptLookupDrafter, Trace, accepted_path, replay, smollm2_cpu_cost
+from actors.aded.simulator import PromptLookupDrafter, Trace, accepted_path, replay
 from actors.aded.suffix import SuffixConfig, suffix_chains
 from actors.aded.trigram import TrigramMatrix, build_matrix
-from actors.cost import CostModel
+from actors.cost import CostModel, smollm2_cpu_cost
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
 from actors.sampling import SamplingParams

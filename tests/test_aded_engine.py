@@ -8,9 +8,8 @@ import pytest
 import actors.engine as engine_mod
 import actors.models as models
 from actors.aded.drafter import AdedConfig, AdedDrafter
-from actors.aded.simulator import smollm2_cpu_cost
 from actors.aded.trigram import build_matrix
-from actors.cost import CostModel
+from actors.cost import CostModel, smollm2_cpu_cost
 from actors.drafter import NoDrafter
 from actors.sampling import SamplingParams
 from shared_state import MemoryStore, StoreConfig

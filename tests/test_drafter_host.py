@@ -10,7 +10,7 @@ from actors.models import load_model
 from actors.sampling import SamplingParams
 from deploy.convert import draft_from_proto, draft_to_proto, params_to_sampling
 from deploy.drafters import DrafterHost
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 
 
 def _step(rid: str, context: list[int], prompt_len: int) -> pb.DraftStepRequest:
@@ -56,5 +56,5 @@ def test_mtad_drafts_cross_the_wire_with_their_log_q_and_options():
     req = pb.DraftStepRequest(request_id="r", method="mtad", context=[5, 6, 7], prompt_len=3, max_nodes=16,
                               sampling=params_to_sampling(params), max_new_tokens=8, gamma=2)
     d = draft_from_proto(host.step(req).draft)
-    assert len(d) == 2 and d.info["logq"].shape == (2,) and np.all(d.info["logq"] <= 0)
-    assert np.array_equal(draft_from_proto(draft_to_proto(d)).info["logq"], d.info["logq"])
+    assert len(d) == 2 and d.logq.shape == (2,) and np.all(d.logq <= 0)
+    assert np.array_equal(draft_from_proto(draft_to_proto(d)).logq, d.logq)

@@ -206,9 +206,9 @@ def test_drafted_log_q_matches_fresh_forwards(aux, keep_all):
     for i in range(len(draft)):
         path = draft.tokens[draft.path_to(i)].tolist()
         logq = warp(_fresh_logits(aux.model, context + path[:-1]), params).log()[path[-1]]
-        assert draft.info["logq"][i] == pytest.approx(float(logq), abs=1e-4)
+        assert draft.logq[i] == pytest.approx(float(logq), abs=1e-4)
         assert draft.info["beam_weight"][i] == pytest.approx(
-            sum(draft.info["logq"][j] for j in draft.path_to(i)), abs=1e-9)
+            sum(draft.logq[j] for j in draft.path_to(i)), abs=1e-9)
 
 
 @pytest.mark.parametrize("keep_all", [False, True])

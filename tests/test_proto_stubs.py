@@ -1,4 +1,4 @@
-"""The committed stubs in specd/v1/ are exactly what the .proto generates."""
+"""The committed stubs in specd_api/v1/ are exactly what the .proto generates."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def test_stubs_are_fresh(tmp_path):
     assert not stale, f"stale generated stubs {stale}: run `python -m deploy.gen_proto` and commit"
 
 
-def test_stubs_import_as_specd_v1():
-    from specd.v1 import specd_pb2, specd_pb2_grpc
+def test_stubs_import_as_specd_api_v1():
+    from specd_api.v1 import specd_pb2, specd_pb2_grpc
 
     assert specd_pb2.DESCRIPTOR.package == "specd.v1"
     assert hasattr(specd_pb2_grpc, "add_SpecdServicer_to_server")

@@ -27,7 +27,7 @@ from actors.sampling import SamplingParams  # noqa: E402
 from deploy import local  # noqa: E402
 from deploy.config import DeploymentOptions, ServeConfig, render_serve_config  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
-from specd.v1 import specd_pb2 as pb  # noqa: E402
+from specd_api.v1 import specd_pb2 as pb  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "0123456789", "speculative decoding is"]
 MAX_TOKENS = 24

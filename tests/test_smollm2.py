@@ -6,7 +6,7 @@ from actors.drafter import NoDrafter
 from actors.engine import Engine
 from actors.sampling import SamplingParams
 from actors.sd import ModelDrafter
-from specd.cli import encode_prompt
+from actors.models import encode_prompt
 from specd_testing import TreeDrafter
 
 pytestmark = pytest.mark.smollm2

@@ -29,8 +29,7 @@ def make_aded_drafter(target, store=None, matrix_path: str | Path | None = None,
     SmolLM2 CPU curve (a steep curve only makes the budget cautious, never slower than plain decoding).
     """
     from actors.aded.corpus import default_matrix_path
-    from actors.aded.simulator import smollm2_cpu_cost
-    from actors.cost import CostModel
+    from actors.cost import CostModel, smollm2_cpu_cost
     from shared_state import MemoryStore, StoreConfig
 
     path = Path(matrix_path) if matrix_path else default_matrix_path(target.identity)

@@ -33,7 +33,7 @@ from actors.aded.tree import BestFirstConfig, CandidateTrie, best_first_paths
 from actors.aded.trigram import TrigramMatrix
 from actors.cost import CostModel
 from actors.draft import Draft
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.sampling import SamplingParams
 from shared_state.base import NGramStore
 
@@ -72,7 +72,7 @@ class _Request:
         return (self.realised + strength) / (self.predicted + strength)
 
 
-class AdedDrafter:
+class AdedDrafter(BaseDrafter):
     """Per step: candidates from the request's own context, earlier requests and the n-gram model (best
     first or MCTS) merge into one trie; calibrated acceptance estimates rank it; the cost curve cuts it."""
 
@@ -83,7 +83,6 @@ class AdedDrafter:
         self.store = store
         self.model = NGramModel(matrix, store, self.config.ngram)
         self.target_topk = self.config.target_topk if self.config.adapt.topk_weights else 0
-        self.blocking = False
         # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
         self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
         budget = self.config.budget

@@ -22,31 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from actors.cost import CostModel
+from actors.cost import CostModel, smollm2_cpu_cost
 from actors.draft import Draft
-from actors.drafter import Drafter, Feedback
+from actors.drafter import BaseDrafter, Drafter, Feedback
+from actors.models import encode_prompt
 from actors.sampling import SamplingParams
-
-# SmolLM2-135M verify cost on this project's 2-core CPU (fp32, 2 threads), per linear kernel (actors.kernels):
-# the ADED budget's fallback when `specd profile` has not been run for the model. torch: measured before the
-# project started (../shared/environment.md); onednn: `specd profile --model smollm2-135m` on 2026-11-23.
-SMOLLM2_CPU_PROFILES = {
-    "torch": {
-        "k": [1, 2, 4, 8, 16, 32, 64],
-        "context_lengths": [170],
-        "seconds": [[0.086, 0.126, 0.179, 0.236, 0.272, 0.345, 0.468]],
-    },
-    "onednn": {
-        "k": [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64],
-        "context_lengths": [64, 256, 512],
-        "seconds": [[0.0506, 0.0562, 0.0562, 0.0562, 0.0562, 0.0562, 0.0577, 0.0577, 0.0685, 0.0685, 0.0712, 0.0834, 0.092, 0.1171, 0.1481], [0.0495, 0.0612, 0.0612, 0.0612, 0.0612, 0.0612, 0.0612, 0.0612, 0.0648, 0.0696, 0.0934, 0.0934, 0.1046, 0.1367, 0.166], [0.0516, 0.0641, 0.0641, 0.0641, 0.0641, 0.0641, 0.0641, 0.0649, 0.0679, 0.0791, 0.0911, 0.0953, 0.1117, 0.1589, 0.2005]],
-    },
-}
-SMOLLM2_CPU_PROFILE = SMOLLM2_CPU_PROFILES["torch"]
-
-
-def smollm2_cpu_cost(kernels: str = "torch") -> CostModel:
-    return CostModel.from_profile(SMOLLM2_CPU_PROFILES[kernels if kernels in SMOLLM2_CPU_PROFILES else "torch"])
 
 
 @dataclass
@@ -83,11 +63,7 @@ def record_traces(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
     """Greedy-generate each prompt with HF ``generate`` and keep the target's top-k at every step."""
     traces = []
     for prompt in prompts:
-        if chat and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(tokenizer, prompt, chat and bool(tokenizer.chat_template))])  # [1, L]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
         generated = out.sequences[0, ids.shape[1]:].tolist()
@@ -212,7 +188,7 @@ def replay(drafter: Drafter, traces: Sequence[Trace], cost: CostModel | None = N
     return res
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(BaseDrafter):
     """Baseline: HF ``prompt_lookup_num_tokens`` (transformers' PromptLookupCandidateGenerator) as a Drafter.
 
     The first earlier occurrence of the last ``max_ngram`` .. 1 tokens, and the ``num_tokens`` after it,
@@ -220,7 +196,6 @@ class PromptLookupDrafter:
     """
 
     target_topk = 0
-    blocking = False
 
     def __init__(self, num_tokens: int = 10, max_ngram: int = 2) -> None:
         self.num_tokens = num_tokens

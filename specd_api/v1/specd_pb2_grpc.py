@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from specd.v1 import specd_pb2 as specd_dot_v1_dot_specd__pb2
+from specd_api.v1 import specd_pb2 as specd__api_dot_v1_dot_specd__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in specd/v1/specd_pb2_grpc.py depends on'
+        + ' but the generated code in specd_api/v1/specd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class SpecdStub:
         """
         self.Generate = channel.unary_unary(
                 '/specd.v1.Specd/Generate',
-                request_serializer=specd_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=specd_dot_v1_dot_specd__pb2.GenerateResponse.FromString,
+                request_serializer=specd__api_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=specd__api_dot_v1_dot_specd__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/specd.v1.Specd/GenerateStream',
-                request_serializer=specd_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=specd_dot_v1_dot_specd__pb2.GenerateChunk.FromString,
+                request_serializer=specd__api_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=specd__api_dot_v1_dot_specd__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/specd.v1.Specd/ListModels',
-                request_serializer=specd_dot_v1_dot_specd__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=specd_dot_v1_dot_specd__pb2.ListModelsResponse.FromString,
+                request_serializer=specd__api_dot_v1_dot_specd__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=specd__api_dot_v1_dot_specd__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -84,18 +84,18 @@ def add_SpecdServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=specd_dot_v1_dot_specd__pb2.GenerateRequest.FromString,
-                    response_serializer=specd_dot_v1_dot_specd__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=specd__api_dot_v1_dot_specd__pb2.GenerateRequest.FromString,
+                    response_serializer=specd__api_dot_v1_dot_specd__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=specd_dot_v1_dot_specd__pb2.GenerateRequest.FromString,
-                    response_serializer=specd_dot_v1_dot_specd__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=specd__api_dot_v1_dot_specd__pb2.GenerateRequest.FromString,
+                    response_serializer=specd__api_dot_v1_dot_specd__pb2.GenerateChunk.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=specd_dot_v1_dot_specd__pb2.ListModelsRequest.FromString,
-                    response_serializer=specd_dot_v1_dot_specd__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=specd__api_dot_v1_dot_specd__pb2.ListModelsRequest.FromString,
+                    response_serializer=specd__api_dot_v1_dot_specd__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -125,8 +125,8 @@ class Specd:
             request,
             target,
             '/specd.v1.Specd/Generate',
-            specd_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
-            specd_dot_v1_dot_specd__pb2.GenerateResponse.FromString,
+            specd__api_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
+            specd__api_dot_v1_dot_specd__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -152,8 +152,8 @@ class Specd:
             request,
             target,
             '/specd.v1.Specd/GenerateStream',
-            specd_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
-            specd_dot_v1_dot_specd__pb2.GenerateChunk.FromString,
+            specd__api_dot_v1_dot_specd__pb2.GenerateRequest.SerializeToString,
+            specd__api_dot_v1_dot_specd__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,8 +179,8 @@ class Specd:
             request,
             target,
             '/specd.v1.Specd/ListModels',
-            specd_dot_v1_dot_specd__pb2.ListModelsRequest.SerializeToString,
-            specd_dot_v1_dot_specd__pb2.ListModelsResponse.FromString,
+            specd__api_dot_v1_dot_specd__pb2.ListModelsRequest.SerializeToString,
+            specd__api_dot_v1_dot_specd__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

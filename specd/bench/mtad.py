@@ -18,7 +18,6 @@ Writes ``bench_mtad.json``, ``bench_mtad.md`` and ``mtad.png`` under ``--out``, 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -28,13 +27,16 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from actors.engine import Engine
 from actors.methods import METHODS, make_drafter
 from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
-from specd.bench import WARMUP_PROMPT
+from specd.bench.harness import WARMUP_PROMPT, interleave, write_outputs
+from specd.bench.prompts import humaneval_prompts
+from specd.common import UsageError
 
 ALL_METHODS = ("ar", "sd", "mtad", "mmtad")
 GAMMA, BEAM_WIDTH, TAU = 4, 4, 0.5
@@ -43,14 +45,11 @@ STOP = ("\n```\n",)  # the end of the answer's code block: nothing after it is s
 TEST_TIMEOUT_S = 10.0
 
 
-def cmd_bench_mtad(args) -> int:
-    from specd.cli import UsageError, encode_prompt
-    from specd.prompts import humaneval_prompts
-
+def run(args) -> int:
     methods = args.methods.split(",") if args.methods else list(ALL_METHODS)
     if unknown := [m for m in methods if m not in ALL_METHODS]:
         raise UsageError(f"mtad suite: unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    temperatures = getattr(args, "temperature", None) or [1.0]
+    temperatures = args.temperature or [1.0]
     if any(t <= 0 for t in temperatures):
         raise UsageError("mtad suite: temperatures must be > 0 (MTAD needs sampling to differ from greedy)")
     limit = args.limit or DEFAULTS["limit"]
@@ -64,19 +63,27 @@ def cmd_bench_mtad(args) -> int:
               "kernels": kernels_of(target.model)}
     drafters = {m: make_drafter(m, target, draft, gamma=GAMMA, beam_width=BEAM_WIDTH, tau=TAU) for m in methods}
     engine = Engine(target)
-    warm = encode_prompt(target.tokenizer, WARMUP_PROMPT, chat=True)  # one-time costs off the first record
-    for name in methods:
-        engine.run(warm, SamplingParams(max_new_tokens=8, temperature=1.0, seed=args.seed), drafters[name])
+    warm = target.encode(WARMUP_PROMPT, chat=True)
+    # One entry per (prompt, temperature); prompt i samples with seed + i at every temperature.
+    runs = [(item, target.encode(item["prompt"], chat=True),
+             SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=args.seed + i, stop=STOP))
+            for i, item in enumerate(items) for temperature in temperatures]
     records: list[dict] = []
-    for i, item in enumerate(items):
-        ids = encode_prompt(target.tokenizer, item["prompt"], chat=True)
-        for temperature in temperatures:
-            params = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=args.seed + i, stop=STOP)
-            for j in range(len(methods)):
-                name = methods[(i + j) % len(methods)]  # rotate who goes first
-                records.append(_run(engine, name, drafters[name], item, ids, params))
-                _progress(records[-1])
-        write_outputs({"config": config, "records": records, "summary": summarize(records)}, args.out)
+
+    def measure(entry: tuple, name: str) -> dict:
+        item, ids, params = entry
+        record = _run(engine, name, drafters[name], item, ids, params)
+        _progress(record)
+        return record
+
+    def done(i: int, entry: tuple, results: dict) -> None:
+        records.extend(results.values())
+        result = {"config": config, "records": records, "summary": summarize(records)}
+        write_outputs(args.out, "bench_mtad", result, markdown_table(result["summary"]), plot)
+
+    interleave(runs, methods, measure,
+               lambda name: engine.run(warm, SamplingParams(max_new_tokens=8, temperature=1.0, seed=args.seed),
+                                       drafters[name]), done, desc="bench mtad")
     print(markdown_table(summarize(records)), flush=True)
     return 0
 
@@ -90,17 +97,16 @@ def _run(engine: Engine, name: str, drafter, item: dict, ids: list[int], params:
         "id": item["id"], "method": name, "temperature": params.temperature, "seed": params.seed,
         "new_tokens": len(out.token_ids), "seconds": round(seconds, 3), "target_forwards": s.target_forwards,
         "accepted_tokens": s.accepted_tokens, "drafted_tokens": s.drafted_tokens,
-        "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name][0] if name in METHODS else True,
+        "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name].lossless if name in METHODS else True,
         "mean_logp": mean_target_logp(engine.target, ids, out.token_ids),
         "passed": humaneval_passes(item, out.text), "text": out.text,
     }
 
 
 def _progress(r: dict) -> None:
-    print(f"{r['id']} T={r['temperature']} {r['method']:6s} {r['new_tokens']:3d} tok {r['seconds']:6.1f} s "
+    tqdm.write(f"{r['id']} T={r['temperature']} {r['method']:6s} {r['new_tokens']:3d} tok {r['seconds']:6.1f} s "
           f"{r['new_tokens'] / r['seconds']:.2f} tok/s, {r['target_forwards']} forwards, "
-          f"{r['accepted_tokens']} accepted, mean log p {r['mean_logp']:.3f}, passed {r['passed']}",
-          file=sys.stderr, flush=True)
+          f"{r['accepted_tokens']} accepted, mean log p {r['mean_logp']:.3f}, passed {r['passed']}", file=sys.stderr)
 
 
 @torch.inference_mode()
@@ -185,14 +191,9 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_mtad.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "bench_mtad.md").write_text(markdown_table(result["summary"]))
-    _plot(result["summary"], out_dir / "mtad.png")
-
-
-def _plot(summary: dict, path: Path) -> None:
+def plot(result: dict, out_dir: Path) -> None:
+    """``mtad.png``: speed, perplexity, block efficiency and pass@1 per method and temperature."""
+    summary, path = result["summary"], out_dir / "mtad.png"
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,105 +1,90 @@
-"""``specd bench``: every method on the same prompts, interleaved per prompt, in one process.
+"""``specd bench --suite mtbench|humaneval|all``: ADED against AR and Hugging Face prompt lookup.
 
-Timings on a shared 2-core machine drift, so methods are compared prompt by prompt (each prompt runs
-every method back to back, in a rotating order) and only ratios measured in the same run are quoted.
-Outputs: JSON (everything), a markdown table, and PNG plots.
+Methods, all greedy, same max new tokens, interleaved per prompt in one process:
+- ``ar``: the specd engine with an empty draft (the baseline every speedup is relative to);
+- ``aded-cold``: a fresh ADED drafter per prompt (seed matrix only, nothing learned);
+- ``aded-online``: one ADED drafter for the whole run, prompts in order, so each prompt is measured
+  with only what earlier prompts taught it (as a long-running server would be);
+- ``hf`` / ``hf-lookup``: transformers ``generate`` plain and with ``prompt_lookup_num_tokens=10``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
-from tqdm import tqdm
-
-from actors.drafter import Drafter
+from actors.drafter import NoDrafter
 from actors.engine import Engine
-from actors.models import LoadedModel
+from actors.kernels import kernels_of
+from actors.models import load_model
 from actors.sampling import SamplingParams
+from specd.bench.harness import WARMUP_PROMPT, EngineMethod, HFMethod, Run, interleave, write_outputs
+from specd.bench.prompts import SUITES
+from specd.common import UsageError
+
+ALL_METHODS = ("ar", "aded-cold", "aded-online", "hf", "hf-lookup")
 
 
-@dataclass
-class Run:
-    token_ids: list[int]
-    seconds: float
-    forwards: int | None = None
-    accepted_per_position: list[int] | None = None
-    draft_seconds: float = 0.0
+def run(args) -> int:
+    from actors.aded import make_aded_drafter
 
-
-class EngineMethod:
-    """A method of the specd engine; ``fresh_drafter`` (if given) builds a new drafter for every prompt."""
-
-    def __init__(self, name: str, engine: Engine, drafter: Drafter | None = None,
-                 fresh_drafter: Callable[[], Drafter] | None = None) -> None:
-        self.name, self.engine, self.drafter, self.fresh = name, engine, drafter, fresh_drafter
-
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
-        drafter = self.fresh() if self.fresh else self.drafter
-        t = time.perf_counter()
-        out = self.engine.run(prompt_ids, params, drafter)
-        s = out.stats
-        return Run(out.token_ids, time.perf_counter() - t, s.target_forwards, s.accepted_per_position, s.draft_seconds)
-
-
-class HFMethod:
-    """Hugging Face ``generate`` on the same model (e.g. with ``prompt_lookup_num_tokens``)."""
-
-    def __init__(self, name: str, target: LoadedModel, **generate_kwargs) -> None:
-        self.name, self.target, self.kwargs = name, target, generate_kwargs
-
-    @torch.inference_mode()
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
-        ids = torch.tensor([prompt_ids])
-        t = time.perf_counter()
-        out = self.target.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_new_tokens, do_sample=False,
-            eos_token_id=sorted(self.target.eos_ids), pad_token_id=self.target.tokenizer.pad_token_id, **self.kwargs)
-        seconds = time.perf_counter() - t
-        new = out[0, len(prompt_ids):].tolist()
-        if new and new[-1] in self.target.eos_ids:
-            new = new[:-1]
-        return Run(new, seconds)
-
-
-WARMUP_PROMPT = "Write two sentences about the sea."  # in neither MT-Bench nor HumanEval
+    names = args.methods.split(",") if args.methods else list(ALL_METHODS)
+    if unknown := set(names) - set(ALL_METHODS):
+        raise UsageError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    if "ar" not in names:
+        names.insert(0, "ar")
+    target = load_model(args.model or "smollm2-135m")
+    engine = Engine(target)
+    online = make_aded_drafter(target) if "aded-online" in names else None
+    factories = {
+        "ar": lambda: EngineMethod("ar", engine, NoDrafter()),
+        "aded-cold": lambda: EngineMethod("aded-cold", engine, fresh_drafter=lambda: make_aded_drafter(target)),
+        "aded-online": lambda: EngineMethod("aded-online", engine, online),
+        "hf": lambda: HFMethod("hf", target),
+        "hf-lookup": lambda: HFMethod("hf-lookup", target, prompt_lookup_num_tokens=10),
+    }
+    methods = [factories[n]() for n in names]
+    suites = ["mtbench", "humaneval"] if args.suite == "all" else [args.suite]
+    end = None if args.limit is None else args.offset + args.limit
+    prompts = {s: SUITES[s]()[args.offset:end] for s in suites}
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or 128, seed=args.seed)
+    result = run_bench(prompts, methods, lambda text: target.encode(text, chat=True), params,
+                       checkpoint=args.out / "partial.json",
+                       no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
+    result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
+                        "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
+                        "kernels": kernels_of(target.model),
+                        "command": " ".join(sys.argv)}
+    write_outputs(args.out, "bench", result, markdown_table(result["summary"], "ar"), plot)
+    print(markdown_table(result["summary"], "ar"))
+    print(json.dumps({"out": str(args.out)}), file=sys.stderr)
+    return 0
 
 
 def run_bench(suites: dict[str, list[dict]], methods: list, encode: Callable[[str], list[int]],
               params: SamplingParams, baseline: str = "ar", checkpoint: Path | None = None,
               no_warmup: frozenset[str] = frozenset()) -> dict:
-    """Run every method on every prompt; returns per-prompt records and per-suite summaries.
-
-    Every method but those in ``no_warmup`` (ones that learn across prompts) first decodes an unmeasured
-    warm-up prompt: a process's first forwards pay one-time costs (allocator, oneDNN weight reorders and
-    kernel selection) that would otherwise land on whichever method runs first.
-    With ``checkpoint``, the records so far are rewritten there after every prompt (long runs on a
-    shared machine can be cut short; what was measured survives).
-    """
+    """Every method on every prompt (:func:`~specd.bench.harness.interleave`); per-prompt records and
+    per-suite summaries. ``no_warmup``: methods that learn across prompts, so they skip the warm-up.
+    With ``checkpoint``, the records so far are rewritten there after every prompt."""
+    by_name = {m.name: m for m in methods}
+    warm = params.model_copy(update={"max_new_tokens": min(32, params.max_new_tokens)})
     warm_ids = encode(WARMUP_PROMPT)
-    for m in methods:
-        if m.name not in no_warmup:
-            m.run(warm_ids, params.model_copy(update={"max_new_tokens": min(32, params.max_new_tokens)}))
-    records = []
-    total = sum(len(p) for p in suites.values())
-    with tqdm(total=total * len(methods), desc="bench", unit="run") as bar:
-        for suite, prompts in suites.items():
-            for i, item in enumerate(prompts):
-                ids = encode(item["prompt"])
-                runs = {}
-                for j in range(len(methods)):
-                    m = methods[(i + j) % len(methods)]  # rotate who goes first
-                    runs[m.name] = m.run(ids, params)
-                    bar.update(1)
-                records.append(_record(suite, item, len(ids), runs, baseline))
-                if checkpoint:
-                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    checkpoint.write_text(json.dumps({"records": records}))
+    items = [(suite, item, encode(item["prompt"])) for suite, prompts in suites.items() for item in prompts]
+    records: list[dict] = []
+
+    def done(i: int, entry: tuple, runs: dict) -> None:
+        suite, item, ids = entry
+        records.append(_record(suite, item, len(ids), runs, baseline))
+        if checkpoint:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps({"records": records}))
+
+    interleave(items, list(by_name), lambda entry, name: by_name[name].run(entry[2], params),
+               lambda name: None if name in no_warmup else by_name[name].run(warm_ids, warm), done)
     return {"records": records, "summary": {s: summarize([r for r in records if r["suite"] == s], baseline)
                                             for s in suites}}
 
@@ -175,14 +160,8 @@ def markdown_table(summary: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, out_dir: Path, baseline: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "bench.md").write_text(markdown_table(result["summary"], baseline))
-    _plot(result, out_dir, baseline)
-
-
-def _plot(result: dict, out_dir: Path, baseline: str) -> None:
+def plot(result: dict, out_dir: Path, baseline: str = "ar") -> None:
+    """``speedup.png`` (per prompt) and ``acceptance.png`` (per draft depth)."""
     import matplotlib
 
     matplotlib.use("Agg")
