@@ -60,6 +60,8 @@ def _add_drafting_flags(g) -> None:
 def _add_device_flags(g) -> None:
     d = g.add_argument_group("device")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda[:N], or auto (a GPU when there is one)")
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
     d.add_argument("--tp", type=int, default=1, metavar="N",
                    help="shard the target over N local processes (DeepSpeed AutoTP; gloo on CPU: a correctness "
                         "check, slower than one process)")
@@ -69,6 +71,8 @@ def _add_output_flags(g) -> None:
     o = g.add_argument_group("output")
     o.add_argument("--stream", action="store_true", help="print text as it is accepted")
     o.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
+    o.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="decode up to N prompts together in one batch (results print in prompt order)")
 
 
 def draft_options(args) -> dict:
@@ -117,13 +121,17 @@ def cmd_generate(args) -> int:
         raise UsageError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
     if args.tp < 1:
         raise UsageError("--tp must be >= 1")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency must be >= 1")
+    if args.concurrency > 1 and args.stream:
+        raise UsageError("--stream prints one prompt at a time; use --json or plain output with --concurrency")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
     )
     prompts = read_prompts(args)
     config = EngineConfig(max_draft_tokens=args.max_draft_tokens, backend="deepspeed" if args.tp > 1 else "plain",
-                          tp_size=args.tp)
+                          tp_size=args.tp, max_batch=max(args.concurrency, 1))
     if args.tp == 1:
         return _generate(args, prompts, params, config)
     from torch.multiprocessing import ProcessRaisedException
@@ -155,10 +163,10 @@ def _generate(args, prompts: list[str], params, config) -> int:
     from actors.models import load_model
 
     device = args.device if args.tp == 1 else "cpu"  # DeepSpeed moves each rank's shard itself
-    target = load_model(args.model, device=device)
+    target = load_model(args.model, device=device, dtype=args.dtype)
     engine = Engine(target, config)  # with tp > 1: collective, the follower ranks shard alongside
     try:
-        draft = load_model(args.draft_model, device=device) if args.draft_model else None
+        draft = load_model(args.draft_model, device=device, dtype=args.dtype) if args.draft_model else None
         try:
             drafter = with_options(make_drafter(args.method, target, draft), **draft_options(args))
         except ValueError as e:
@@ -166,9 +174,14 @@ def _generate(args, prompts: list[str], params, config) -> int:
         chat = target.is_chat if args.chat is None else args.chat
         if chat and not target.is_chat:
             raise UsageError(f"{target.name} has no chat template; use --no-chat")
-        for prompt in prompts:
-            result = _run_one(engine, target.encode(prompt, chat), params, drafter,
-                              stream=args.stream and not args.json)
+        ids = [target.encode(prompt, chat) for prompt in prompts]
+        if args.concurrency > 1:
+            results = engine.run_many(ids, params, drafter, concurrency=args.concurrency)
+        else:
+            results = (_run_one(engine, i, params, drafter, stream=args.stream and not args.json) for i in ids)
+        for prompt, result in zip(prompts, results):
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"prompt {prompt[:40]!r}: {result}")
             stats = result.stats.as_dict() | {"method": args.method, "lossless": METHODS[args.method].lossless}
             if args.json:
                 print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,

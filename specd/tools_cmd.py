@@ -11,12 +11,16 @@ from specd.common import UsageError, int_list
 
 
 def add_profile_parser(sub) -> None:
-    pr = sub.add_parser("profile", help="measure verify-forward latency for k = 1..64 tokens")
+    pr = sub.add_parser("profile", help="measure verify-forward latency over batch rows x tokens per row x context")
     pr.add_argument("--model", default=DEFAULT_MODEL)
     pr.add_argument("--out", type=Path, help="JSON output (default: the model's profile in the specd cache)")
     pr.add_argument("--repeats", type=int, default=5)
     pr.add_argument("--context-lengths", type=int_list, default=None, help="e.g. 64,256,512")
-    pr.add_argument("--k", type=int_list, default=None, help="e.g. 1,2,4,8,16,32,64")
+    pr.add_argument("--k", type=int_list, default=None, help="tokens per row, e.g. 1,2,4,8,16,32,64")
+    pr.add_argument("--batch", type=int_list, default=None, help="rows per forward, e.g. 1,2,4,8,16")
+    pr.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto: the curve is keyed by it")
+    pr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="as served (auto: bfloat16 on CUDA, float32 on the CPU): the curve is keyed by it")
     pr.set_defaults(func=cmd_profile)
 
 
@@ -54,12 +58,12 @@ def add_k8s_parser(sub) -> None:
 
 def cmd_profile(args) -> int:
     from actors.models import load_model
-    from actors.profile import DEFAULT_CONTEXTS, DEFAULT_K, measure_verify_cost, profile_path
+    from actors.profile import DEFAULT_BATCH, DEFAULT_CONTEXTS, DEFAULT_K, measure_verify_cost, profile_path
 
-    target = load_model(args.model)
+    target = load_model(args.model, device=args.device, dtype=args.dtype)
     result = measure_verify_cost(
-        target, args.k or DEFAULT_K, args.context_lengths or DEFAULT_CONTEXTS, repeats=args.repeats,
-        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        target, args.k or DEFAULT_K, args.context_lengths or DEFAULT_CONTEXTS, args.batch or DEFAULT_BATCH,
+        repeats=args.repeats, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     out = args.out or profile_path(target)
     out.parent.mkdir(parents=True, exist_ok=True)

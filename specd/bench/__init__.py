@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from specd.common import UsageError
+from specd.common import UsageError, int_list
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ SUITES: dict[str, Suite] = {
     "mtbench": Suite("specd.bench.aded", "ADED vs AR vs HF on MT-Bench"),
     "humaneval": Suite("specd.bench.aded", "ADED vs AR vs HF on HumanEval"),
     "mtad": Suite("specd.bench.mtad", "MTAD vs SD on the Qwen pair"),
+    "batching": Suite("specd.bench.batching", "ar and aded at --concurrency levels, embedded and served"),
 }
 
 
@@ -41,8 +42,17 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--temperature", type=float, action="append", default=None,
                    help="mtad suite: sampling temperature, repeatable (default 1.0)")
+    b.add_argument("--concurrency", type=int_list, default=None,
+                   help="batching suite: concurrent requests per level (default 1,2,4,8,16)")
+    b.add_argument("--served-concurrency", type=_levels_or_none, default=None,
+                   help="batching suite: levels also measured through specd serve (default 1,8,16; 'none')")
+    b.add_argument("--no-memory", action="store_true", help="batching suite: skip the 16 x 1k-token memory run")
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     b.set_defaults(func=cmd_bench)
+
+
+def _levels_or_none(text: str) -> list[int]:
+    return [] if text == "none" else int_list(text)
 
 
 def cmd_bench(args) -> int:

@@ -1,6 +1,8 @@
-"""Continuous batching: aggregate tokens/s and per-request latency against concurrency, embedded and served.
+"""``specd bench --suite batching``: aggregate tokens/s and per-request latency against concurrency, embedded
+and served.
 
-    python benchmarks/batching.py --out results/batching --prompts 16 --max-tokens 48
+    specd bench --suite batching --concurrency 1,2,4,8,16 --served-concurrency 1,8,16 --limit 16 \
+        --max-new-tokens 48 --out results/batching
 
 For each concurrency level, closed loop: ``c`` requests in flight, the next prompt starts when one
 finishes. SmolLM2-135M, greedy, MT-Bench and HumanEval prompts (the first ``--prompts`` of each, chat
@@ -8,7 +10,8 @@ template). Embedded: one ``Engine`` batch (``Engine.run_many``). Served: ``specd
 Ray Serve, ``c`` client threads over gRPC (unary Generate). ADED adapts online, and every level decodes
 the same prompts, so each level starts from a fresh drafter (embedded) or a freshly deployed app
 (served): no level learns from another's outputs. Every output is compared with the same method at
-concurrency 1 (greedy identity under batching) and ADED's with AR's.
+concurrency 1 (greedy identity under batching) and ADED's with AR's. The budget reads the target's
+``specd profile`` curve when there is one (run ``specd profile`` first), else the shipped fallback.
 
 Memory: 16 requests of ~1k prompt tokens decoded together: KV bytes per held token and peak RSS.
 Writes ``<out>/batching.json`` and ``<out>/batching.png``.
@@ -16,7 +19,6 @@ Writes ``<out>/batching.json`` and ``<out>/batching.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -25,38 +27,17 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from actors.engine import Engine, EngineConfig
+from actors.methods import make_drafter
+from actors.models import load_model
+from actors.sampling import SamplingParams
+from specd.bench.prompts import humaneval_prompts, mtbench_prompts
+from specd.common import UsageError
 
-from actors.engine import Engine, EngineConfig  # noqa: E402
-from actors.methods import make_drafter  # noqa: E402
-from actors.models import load_model  # noqa: E402
-from actors.sampling import SamplingParams  # noqa: E402
-from specd.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="ar,aded")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per set (the first N of each)")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--concurrency", default="1,2,4,8,16")
-    p.add_argument("--served-concurrency", default="1,8,16", help="levels also measured served ('' = none)")
-    p.add_argument("--torch-threads", type=int, default=2)
-    p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("results/batching"))
-    return p.parse_args(argv)
-
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)
-    return list(enc["input_ids"])
+DEFAULT_METHODS = ("ar", "aded")
 
 
 def _summary(rows: list[dict], wall: float) -> dict:
@@ -216,15 +197,19 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.torch_threads)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    served_levels = [int(c) for c in args.served_concurrency.split(",") if c]
-    methods = args.methods.split(",")
+def run(args) -> int:
+    levels = list(args.concurrency or (1, 2, 4, 8, 16))
+    served_levels = list(args.served_concurrency) if args.served_concurrency is not None else [1, 8, 16]
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    if "ar" not in methods or not set(methods) <= {"ar", "aded"}:
+        raise UsageError("batching suite methods: ar (always) and aded")
+    if levels[0] != 1 or (served_levels and not set(served_levels) <= set(levels)):
+        raise UsageError("--concurrency must start at 1 and include every --served-concurrency level")
+    args.prompts, args.max_tokens = args.limit or 16, args.max_new_tokens or 48
+    args.model = args.model or "smollm2-135m"
     target = load_model(args.model)
-    sets = {"mtbench": [chat_ids(target.tokenizer, r["prompt"]) for r in mtbench_prompts()[: args.prompts]],
-            "humaneval": [chat_ids(target.tokenizer, r["prompt"]) for r in humaneval_prompts()[: args.prompts]]}
+    sets = {"mtbench": [target.encode(r["prompt"], chat=True) for r in mtbench_prompts()[: args.prompts]],
+            "humaneval": [target.encode(r["prompt"], chat=True) for r in humaneval_prompts()[: args.prompts]]}
     results = {f"embedded/{k}": v for k, v in measure_embedded(args, target, sets, levels, methods).items()}
     if served_levels:
         results |= {f"served/{k}": v for k, v in measure_served(args, sets, served_levels, methods).items()}
@@ -245,11 +230,12 @@ def main(argv=None) -> int:
                     row[f"served_vs_embedded_{m}"] = round(summary[f"served/{name}/{m}"][str(c)]["tokens_per_second"]
                                                            / summary[f"embedded/{name}/{m}"][str(c)]["tokens_per_second"], 3)
             ratios[f"{name}/{c}"] = row
-    report = {"command": " ".join(["python", *sys.argv]), "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.torch_threads},
+    report = {"command": " ".join(["specd", *sys.argv[1:]]), "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
               "summary": summary, "ratios": ratios, "identity": compare(results, levels, methods)}
-    if not args.skip_memory:
+    if not args.no_memory:
         report["memory"] = measure_memory(target)
+    report["cost_curve"] = engine_cost_source(target)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batching.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "batching.png")
@@ -257,5 +243,8 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def engine_cost_source(target) -> str:
+    from actors.profile import profile_path
+
+    path = profile_path(target)
+    return str(path) if path.exists() else "fallback (no specd profile for this target)"
