@@ -69,7 +69,10 @@ class EngineLoop:
                     self._deliver(rid, e)
                 continue
             if self.on_step is not None and self.engine.last_step is not None:
-                self.on_step(self.engine.last_step)
+                try:
+                    self.on_step(self.engine.last_step)
+                except Exception:  # noqa: BLE001 - a metrics hook must never stop the batch
+                    log.exception("on_step hook failed")
             for rid, out in events:
                 self._deliver(rid, out)
         for rid in list(self._sinks):

@@ -50,7 +50,8 @@ class VerifierMetrics:
         self.batch_size.observe(info.rows)
         self.step_tokens.observe(info.tokens)
         self.budget_nodes.observe(info.verified)
-        self.proposed_nodes.inc(info.proposed)
+        if info.proposed:
+            self.proposed_nodes.inc(info.proposed)  # Ray's counters refuse 0
 
     def step(self, method: str, before: GenerationStats | None, after: GenerationStats) -> None:
         """Count one decode step's drafting from the change in the request's cumulative stats."""
