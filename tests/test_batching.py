@@ -4,6 +4,8 @@ joining, failing and leaving between steps."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,48 @@ def test_generation_stops_at_the_model_context(target):
     prompt = [7] * (limit - 5)
     out = engine.run(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True), TreeDrafter(V, seed=0))
     assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == limit
+
+
+def test_engine_loop_serves_many_threads_and_cancels(target):
+    """The served shape without Ray: callers on other threads submit, receive their steps through sinks,
+    and a cancelled request's slot is freed while the others finish token-identical to running alone."""
+    import threading
+
+    from actors.loop import EngineLoop
+
+    prompts = _prompts(6, seed=21)
+    alone = Engine(target)
+    expected = [alone.run(p, GREEDY, NoDrafter()).token_ids for p in prompts]
+    engine = Engine(target, EngineConfig(max_batch=4), cost=CostModel.flat())
+    loop = EngineLoop(engine, on_step=lambda info: 1 / 0)  # a broken metrics hook must not stop decoding
+    got = {i: [] for i in range(len(prompts))}
+    done = {i: threading.Event() for i in range(len(prompts))}
+
+    def sink_for(i):
+        def sink(out):
+            if isinstance(out, BaseException):
+                got[i].append(out)
+                done[i].set()
+                return
+            got[i] += out.token_ids
+            if i == 0 and len(got[0]) >= 3:
+                loop.cancel("r0")
+                done[0].set()
+            if out.finish_reason:
+                done[i].set()
+        return sink
+
+    threads = [threading.Thread(target=loop.submit, args=(p, GREEDY, TreeDrafter(V, seed=i), f"r{i}", sink_for(i)))
+               for i, p in enumerate(prompts)]
+    for th in threads:
+        th.start()
+    for i in range(len(prompts)):
+        assert done[i].wait(300), f"request {i} never finished"
+    deadline = time.monotonic() + 300  # the cancel is applied at the loop's next step boundary
+    while engine.num_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_requests == 0 and len(engine.verifier.kv.slots) == 0  # the cancelled slot is free
+    loop.close()
+    for i in range(1, len(prompts)):
+        assert got[i] == expected[i]
+    assert got[0] == expected[0][: len(got[0])] and len(got[0]) < len(expected[0])
