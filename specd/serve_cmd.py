@@ -20,6 +20,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--aux-placement", choices=["remote", "colocated"],
                    help="auxiliary draft model on the draft pool (remote, default) or inside the verifier")
     s.add_argument("--redis-url", help="share the adaptive n-gram store through Redis (default: in memory)")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model weights and activations (default auto: bfloat16 on a GPU, float32 on a CPU)")
+    s.add_argument("--max-batch", type=int, help="requests a verifier replica decodes together (default 16)")
     s.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     s.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
@@ -36,7 +39,7 @@ def serve_config(args):
     from deploy.config import load_config
 
     fields = ("model", "draft_model", "default_method", "trigram_placement", "aux_placement", "redis_url", "http_host",
-              "grpc_port", "http_port")
+              "grpc_port", "http_port", "dtype", "max_batch")
     return load_config(args.config, **{f: getattr(args, f) for f in fields})
 
 
