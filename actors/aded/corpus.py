@@ -175,7 +175,8 @@ def build_default_matrix(tokenizer, identity: str, sources: Sequence[str | Path]
         files += stdlib_sources()
     if include_package_docs:
         files += package_descriptions()
-    streams = list(tokenize_texts(tokenizer, iter_texts(files)))
+    streams = list(tokenize_texts(tokenizer, iter_texts(tqdm(files, desc="tokenizing corpus", unit="file",
+                                                             disable=not progress))))
     if generate_fn is not None:
         records = generated_records(generate_fn, generated_cache_path(identity), prompts, progress)
         generated = list(tokenize_texts(tokenizer, chat_texts(tokenizer, records)))
