@@ -53,3 +53,16 @@ def test_the_check_sees_lazy_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from deploy.config import ServeConfig\n    import ray.serve\n")
     assert [m for _, m in imports(module)] == ["deploy.config", "deploy.config.ServeConfig", "ray.serve"]
+
+
+def test_wheel_and_image_ship_every_layer():
+    """Moving a package (the stubs went from specd/v1 to specd_api/v1) must not leave it out of either."""
+    import re
+
+    from setuptools import find_packages
+
+    include = re.search(r"include = (\[.*?\])", (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = {p.split(".")[0] for p in find_packages(str(ROOT), include=ast.literal_eval(include))}
+    assert packages == PROJECT
+    copied = set(re.findall(r"^COPY \S+ (\w+) \./\1$", (ROOT / "k8s" / "Dockerfile").read_text(), re.M))
+    assert copied >= PROJECT
