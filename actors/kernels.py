@@ -1,12 +1,14 @@
 """CPU linear kernels that keep a verify forward's cost nearly flat in the number of new tokens.
 
-Speculative decoding pays only where verifying k tokens costs about what verifying one costs. On this
-project's CPUs (AMD, AVX2), torch's default fp32 GEMM path for 2..64 rows is far from that: SmolLM2's
-49,152 x 576 output head costs ~10 ms at 1 row and ~16-50 ms at 8 rows, although the weights take ~5 ms
-to stream. oneDNN with the weight reordered once into its blocked layout (what Inductor's freezing pass
-uses, called here without compiling) does the same head in ~4-5 ms from 1 to 8 rows. Swapping every
-``nn.Linear`` of the model for it is the same math (fp32, different summation order: logits move by
-~1e-4) and helps plain decoding too, so every method and baseline in the engine gets it.
+Speculative decoding pays only where verifying k tokens costs about what verifying one costs. On the
+2-core CPU this was developed on, torch's default fp32 GEMM path for 2..64 rows is far from that: its
+skinny-GEMM kernels, not streaming the weights (the same for one row or eight), set the cost. oneDNN
+with the weight reordered once into its blocked layout (what Inductor's freezing pass uses, called here
+without compiling) keeps the cost nearly flat over those rows: compare the two SmolLM2 curves in
+``actors/data/smollm2-135m-cpu-verify-cost.json``, and measure your own with ``specd profile``.
+Swapping every ``nn.Linear`` of the model for it is the same math (fp32, a different summation order:
+logits agree within the tolerance ``tests/test_kernels.py`` checks) and helps plain decoding too, so
+every method and baseline in the engine gets it.
 
 The dense weights stay in place (tensor-parallel sharding and tied embeddings read them), so on CPU a
 model's linear weights take twice the memory; ``kernels="torch"`` opts out.

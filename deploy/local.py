@@ -1,10 +1,12 @@
 """A local Ray + Serve for `specd serve`, the tests and the benchmark, sized for a small shared machine:
-fractional CPUs, a capped object store, the pools as custom resources, no dashboard or usage stats."""
+fractional CPUs, a capped object store, the pools as custom resources, no dashboard or usage stats.
+``prepare`` does the slow one-time work (model conversion, the tri-gram matrix) in the caller's process first."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable
 
 import ray
 from ray import serve
@@ -51,3 +53,46 @@ def stop() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def prepare(cfg: ServeConfig, say: Callable[[str], None]) -> None:
+    """Convert the models and build the tri-gram matrix here, in the foreground with progress, before any
+    replica starts: a replica's output is hidden, and a first start would otherwise sit silent for minutes.
+
+    A model that needs an explicit ``specd models fetch`` (GBs to convert) is refused here with that
+    advice, as its replica would refuse it unseen.
+    """
+    from actors.models import REGISTRY, ModelError, fetch_model, is_cached, load_model
+
+    for name in filter(None, (cfg.model, cfg.draft_model)):
+        source = REGISTRY.get(name)
+        if source is None or source.gguf is None or is_cached(name):
+            continue  # built in code, a local path, or converted already
+        if source.explicit_fetch:
+            raise ModelError(f"{name} is not in the cache; fetch it once with `specd models fetch {name}` "
+                             f"(downloads and converts ~{source.gguf.size / 1e9:.1f} GB)")
+        say(f"preparing {name} (one time: download and convert)…")
+        fetch_model(name)
+    if "aded" in cfg.trigram_methods:
+        from actors.aded.corpus import default_matrix_path
+        from actors.methods import ensure_default_matrix
+
+        target = load_model(cfg.model, kernels="torch")  # the tokenizer is what counts; no kernel copies
+        if not default_matrix_path(target.identity).exists():
+            ensure_default_matrix(target)  # says what it builds; tqdm bars for the corpus and the counts
+        del target
+
+
+def describe(cfg: ServeConfig, num_cpus: float) -> str:
+    """One line saying what ``start`` + ``deploy`` bring up."""
+    parts = []
+    for name, opts in cfg.deployments.items():
+        scale = opts.autoscaling_config
+        replicas = (f"{scale.get('min_replicas', 1)}-{scale.get('max_replicas', 1)}" if scale
+                    else str(opts.num_replicas))
+        pool = "/".join(sorted(opts.resources)) or "no pool"
+        parts.append(f"{name} x{replicas} ({pool})")
+    placement = f"tri-gram drafter {cfg.trigram_placement}" + (f", draft model {cfg.aux_placement}"
+                                                               if cfg.draft_model else "")
+    return (f"starting Ray ({num_cpus:g} CPUs) and Serve: {', '.join(parts)}; {placement}; "
+            f"gRPC {cfg.http_host}:{cfg.grpc_port}, HTTP {cfg.http_host}:{cfg.http_port}…")

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.drafter import DraftOptions
 from actors.sampling import SamplingParams
 from deploy.request import ChatMessage, GenerationRequest, RequestError, validated
 from deploy.verifier import ServedChunk
@@ -50,8 +51,8 @@ class _Common(BaseModel):
                            stop=stop, ignore_eos=self.ignore_eos)
         return validated(GenerationRequest, request_id=uuid.uuid4().hex, model=self.model, method=self.method,
                          params=params, max_draft_tokens=self.max_draft_tokens,
-                         speculate=not self.disable_speculation, gamma=self.gamma, beam_width=self.beam_width,
-                         tau=self.tau, **inputs)
+                         speculate=not self.disable_speculation,
+                         **{name: getattr(self, name) for name in DraftOptions.model_fields}, **inputs)
 
 
 class CompletionRequest(_Common):

@@ -54,11 +54,18 @@ def cmd_serve(args) -> int:
         return 0
     from deploy import local
 
-    print(f"starting Ray and Serve ({cfg.model}, default method {cfg.default_method})…", file=sys.stderr, flush=True)
-    # SIGTERM (docker stop, kill) shuts down like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"preparing {cfg.model} (default method {cfg.default_method})…")
+    local.prepare(cfg, say)
+    say(local.describe(cfg, args.num_cpus))
+    # SIGTERM (docker stop, kill) shuts down like Ctrl-C; set again after ray.init, which installs its own
+    # handler (a native stack dump, no shutdown).
+    on_term = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731
+    signal.signal(signal.SIGTERM, on_term)
     try:
         local.start(cfg, num_cpus=args.num_cpus, metrics_port=args.metrics_port)
+        signal.signal(signal.SIGTERM, on_term)
+        say("Ray is up; deploying: waiting until every replica has loaded its model…")
         local.deploy(cfg)
         grpc_addr = f"{cfg.http_host}:{cfg.grpc_port}"
         _announce_methods(cfg, grpc_addr)

@@ -24,3 +24,10 @@ def test_every_suite_is_a_choice_with_a_runner():
     assert list(bench.choices) == list(SUITES)
     for suite in SUITES.values():
         assert callable(importlib.import_module(suite.module).run)
+
+
+def test_machine_names_what_the_figures_ran_on():
+    from specd.bench.harness import machine
+
+    m = machine()
+    assert m["cpu"] and m["cpus"] >= 1 and m["memory_gib"] > 0 and m["torch"] and m["transformers"]

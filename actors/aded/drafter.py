@@ -42,9 +42,8 @@ class AdedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     search: Literal["best_first", "mcts", "none"] = Field(
-        "best_first", description="How n-gram candidates are found: the most probable paths (default: on "
-        "SmolLM2 traces with the CPU cost curve it accepted more per forward than 150-simulation MCTS at "
-        "~1/30 of the drafting time), ADED's MCTS, or none.")
+        "best_first", description="How n-gram candidates are found: the most probable paths (default), "
+        "ADED's MCTS, or none.")
     best_first: BestFirstConfig = Field(default_factory=BestFirstConfig, description="Best-first search settings.")
     mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
     suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")

@@ -21,7 +21,7 @@ from actors.engine import Engine
 from actors.kernels import kernels_of
 from actors.models import load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import WARMUP_PROMPT, EngineMethod, HFMethod, Run, interleave, write_outputs
+from specd.bench.harness import WARMUP_PROMPT, EngineMethod, HFMethod, Run, interleave, machine, write_outputs
 from specd.bench.prompts import SUITES
 from specd.common import UsageError
 
@@ -56,7 +56,7 @@ def run(args) -> int:
                        no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
-                        "kernels": kernels_of(target.model),
+                        "kernels": kernels_of(target.model), "machine": machine(),
                         "command": " ".join(sys.argv)}
     write_outputs(args.out, "bench", result, markdown_table(result["summary"], "ar"), plot)
     print(markdown_table(result["summary"], "ar"))

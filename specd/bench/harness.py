@@ -8,6 +8,8 @@ method first decodes an unmeasured warm-up prompt. Outputs: JSON (everything), a
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,28 @@ WARMUP_PROMPT = "Write two sentences about the sea."  # in neither MT-Bench nor 
 
 
 Item = TypeVar("Item")
+
+
+def machine() -> dict:
+    """What a reader needs to judge the run's figures: CPU, cores, memory, versions, load when it started."""
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), "0")
+    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "memory_gib": round(int(mem) / 2**20, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_1m_start": round(os.getloadavg()[0], 2)}
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def interleave(items: Sequence[Item], names: Sequence[str], measure: Callable[[Item, str], object],

@@ -34,7 +34,7 @@ from actors.methods import METHODS, make_drafter
 from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import WARMUP_PROMPT, interleave, write_outputs
+from specd.bench.harness import WARMUP_PROMPT, interleave, machine, write_outputs
 from specd.bench.prompts import humaneval_prompts
 from specd.common import UsageError
 
@@ -60,7 +60,7 @@ def run(args) -> int:
     config = {"target": target.name, "draft": draft.name, "methods": methods, "temperatures": temperatures,
               "prompts": [it["id"] for it in items], "max_new_tokens": max_new, "seed": args.seed, "gamma": GAMMA,
               "beam_width": BEAM_WIDTH, "tau": TAU, "stop": STOP, "threads": torch.get_num_threads(),
-              "kernels": kernels_of(target.model)}
+              "kernels": kernels_of(target.model), "machine": machine(), "command": " ".join(sys.argv)}
     drafters = {m: make_drafter(m, target, draft, gamma=GAMMA, beam_width=BEAM_WIDTH, tau=TAU) for m in methods}
     engine = Engine(target)
     warm = target.encode(WARMUP_PROMPT, chat=True)

