@@ -76,5 +76,5 @@ def measure_verify_cost(
 def profile_path(target: LoadedModel) -> Path:
     """Where ``specd profile`` saves a model's curve by default and drafters look for it."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in target.name)
-    kernels = kernels_of(target.model)  # the curve belongs to the kernels measured
-    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{kernels}.json"
+    # The curve belongs to the kernels measured (a tokenizer-only target names those its verifier runs).
+    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{target.kernels}.json"
