@@ -110,8 +110,11 @@ def _proposals(
     """(node, token, [V] the law the token was drawn from) for each sibling, in index order, lazily.
 
     Without ``draft.q`` each node is a point mass at its token, exact for any tree chosen independently of
-    the acceptance's randomness. With it, siblings were drawn without replacement from one row (the first
-    sibling's): each later sibling's law is that row without the earlier siblings' tokens, renormalised.
+    the acceptance's randomness. With it, each node's own row is the law it was drawn from, and siblings
+    whose row equals the previous sibling's were drawn from that row without replacement: the law of a
+    later one is the row without the earlier siblings' tokens, renormalised. A sibling with a different
+    row was drawn from that row independently of the earlier ones (as a fresh proposal, SpecInfer's
+    multi-step rule), so it is tested against its row as is.
     """
     tokens = draft.tokens[siblings].tolist()
     if draft.q is None:
@@ -120,8 +123,11 @@ def _proposals(
             point[x] = 1.0
             yield c, x, point
         return
-    q = draft.q[siblings[0]].to(like) if siblings else None
+    row = q = None
     for c, x in zip(siblings, tokens):
+        if row is None or not torch.equal(draft.q[c], row):
+            row = draft.q[c]
+            q = row.to(like)
         q = q / float(q.sum())
         if not float(q[x]) > 0:  # also NaN, when earlier siblings took all the mass
             raise ValueError(f"draft node {c}: its token {x} has proposal probability 0 (drafter bug)")

@@ -28,9 +28,9 @@ from typing import IO, Literal
 
 import platformdirs
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from actors.kernels import Kernels, apply_kernels
+from actors.kernels import Kernels, apply_kernels, kernels_of, onednn_available
 from actors.tiny import tiny_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -117,6 +117,24 @@ class LoadedModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the output head (may exceed the tokenizer's size): every valid token id is below it."""
+        return int(self.model.config.vocab_size)
+
+    @property
+    def kernels(self) -> str:
+        """The linear kernels the model runs (its measured cost curve belongs to them)."""
+        return kernels_of(self.model)
+
+    @property
+    def device_type(self) -> str:
+        return self.model.device.type
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
     def eos_ids(self) -> set[int]:
         """Every id that ends a turn: the tokenizer's eos plus the (generation) config's, each int or list."""
         ids: set[int] = set()
@@ -143,6 +161,50 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dic
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(enc["input_ids"])
+
+
+@dataclass(frozen=True)
+class TargetTokenizer:
+    """What a drafter that runs no target forward needs of the target: no weights (a drafter-pool replica).
+
+    ``kernels`` are those the target gets where it runs (a verifier on the CPU: ``load_model``'s ``auto``),
+    so a drafter's cost curve is the verifier's.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    identity: str
+    vocab_size: int
+    kernels: str
+    device_type: str = "cpu"
+    dtype_name: str = "float32"
+
+
+def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None) -> TargetTokenizer:
+    """The tokenizer, identity and vocabulary size of ``spec`` (any ``load_model`` spec), without its weights."""
+    name, _, seed = spec.partition(":")
+    if name in REGISTRY and REGISTRY[name].gguf is None:
+        _check_tiny_seed(spec, seed)
+        tokenizer = tiny_tokenizer()
+        vocab = len(tokenizer)  # a tiny model's head has exactly its tokenizer's size (actors.tiny)
+    else:
+        path, gguf = _tokenizer_source(spec, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
+        vocab = int(AutoConfig.from_pretrained(path, **gguf).vocab_size)
+    kernels = "onednn" if onednn_available() else "torch"  # load_model's auto on the CPU for fp32 weights
+    return TargetTokenizer(tokenizer, spec, tokenizer_identity(tokenizer), vocab, kernels)
+
+
+def _tokenizer_source(spec: str, cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, str]]:
+    """(directory, extra from_pretrained kwargs) holding ``spec``'s tokenizer and config; converts when needed."""
+    if spec in REGISTRY:
+        return _cached_dir(spec, cache_dir), {}
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, {}
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    raise _unknown(spec)
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -219,21 +281,11 @@ def resolve_device(device: str) -> torch.device:
 def _load(spec: str, dtype: torch.dtype, cache_dir: str | os.PathLike | None) -> LoadedModel:
     name, _, seed = spec.partition(":")
     if name in REGISTRY and REGISTRY[name].gguf is None:
-        if seed and not seed.isdigit():
-            raise ModelError(f"{spec!r}: the seed after ':' must be a non-negative integer")
+        _check_tiny_seed(spec, seed)
         model = tiny_model(name.removeprefix("tiny-"), seed=int(seed or 0)).to(dtype)
         return _loaded(model, tiny_tokenizer(), spec)
     if spec in REGISTRY:
-        source = REGISTRY[spec]
-        path = models_dir(cache_dir) / spec
-        if not is_cached(spec, cache_dir):
-            if source.explicit_fetch:
-                raise ModelError(
-                    f"{spec} is not in the cache ({path}); fetch it once with `specd models fetch {spec}` "
-                    f"(downloads and converts ~{source.gguf.size / 1e9:.1f} GB of GGUF, a few minutes)"
-                )
-            fetch_model(spec, cache_dir=cache_dir)
-        return _load_hf_dir(path, spec, dtype)
+        return _load_hf_dir(_cached_dir(spec, cache_dir), spec, dtype)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_dir(path, spec, dtype)
@@ -241,10 +293,32 @@ def _load(spec: str, dtype: torch.dtype, cache_dir: str | os.PathLike | None) ->
         # Not cached: an arbitrary local file has no pinned hash to key a cache on; this is a slow path.
         tokenizer, model = _load_gguf(path)
         return _loaded(model.to(dtype), tokenizer, spec)
-    raise ModelError(
+    raise _unknown(spec)
+
+
+def _unknown(spec: str) -> ModelError:
+    return ModelError(
         f"unknown model {spec!r}: expected one of {', '.join(REGISTRY)} (tiny models take ':SEED'), "
         "a local Hugging Face directory with config.json, or a path to a .gguf file"
     )
+
+
+def _check_tiny_seed(spec: str, seed: str) -> None:
+    if seed and not seed.isdigit():
+        raise ModelError(f"{spec!r}: the seed after ':' must be a non-negative integer")
+
+
+def _cached_dir(spec: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The converted HF dir of a registered GGUF model: fetched now, or refused when that takes minutes."""
+    source, path = REGISTRY[spec], models_dir(cache_dir) / spec
+    if not is_cached(spec, cache_dir):
+        if source.explicit_fetch:
+            raise ModelError(
+                f"{spec} is not in the cache ({path}); fetch it once with `specd models fetch {spec}` "
+                f"(downloads and converts ~{source.gguf.size / 1e9:.1f} GB of GGUF, a few minutes)"
+            )
+        fetch_model(spec, cache_dir=cache_dir)
+    return path
 
 
 def fetch_model(

@@ -103,16 +103,15 @@ def _fill(grid: list[list[float]], batch_sizes: list[int], k_values: list[int]) 
 def profile_path(target: LoadedModel) -> Path:
     """Where ``specd profile`` saves a model's curve by default and the engine looks for it."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in target.name)
-    device = target.model.device.type
-    dtype = str(target.model.dtype).removeprefix("torch.")
-    kernels = kernels_of(target.model)  # the curve belongs to the kernels measured
-    return models_dir().parent / "profiles" / f"{safe}-{target.identity}-{device}-{dtype}-{kernels}.json"
+    # The curve belongs to the device, dtype and kernels measured (a tokenizer-only target names its verifier's).
+    return (models_dir().parent / "profiles"
+            / f"{safe}-{target.identity}-{target.device_type}-{target.dtype_name}-{target.kernels}.json")
 
 
 def fallback_cost(target: LoadedModel) -> CostModel:
     """The curve budgets use before ``specd profile`` ran: flat on an accelerator (verifying a few more
     tokens is nearly free there), SmolLM2's measured CPU curve on a CPU (a steep curve only makes the
     budget cautious, never slower than plain decoding)."""
-    if target.model.device.type != "cpu":
+    if target.device_type != "cpu":
         return CostModel.flat()
-    return smollm2_cpu_cost(kernels_of(target.model))
+    return smollm2_cpu_cost(target.kernels)

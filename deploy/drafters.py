@@ -24,7 +24,7 @@ import numpy as np
 from actors.draft import Draft
 from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, with_options
 from actors.methods import MethodUnavailable, make_drafter
-from actors.models import LoadedModel
+from actors.models import LoadedModel, TargetTokenizer
 from actors.sampling import SamplingParams
 from deploy.config import ServeConfig
 from deploy.convert import (draft_from_proto, draft_to_proto, feedback_from_proto, feedback_to_proto,
@@ -34,7 +34,7 @@ from specd_api.v1 import specd_pb2 as pb
 log = logging.getLogger("specd.serve")
 
 
-def make_store(cfg: ServeConfig, target: LoadedModel):
+def make_store(cfg: ServeConfig, target: LoadedModel | TargetTokenizer):
     """The adaptive n-gram store: Redis when a URL is configured, else in-process memory."""
     from shared_state import MemoryStore, StoreConfig
 
@@ -47,7 +47,7 @@ def make_store(cfg: ServeConfig, target: LoadedModel):
     return MemoryStore(config)
 
 
-def build_drafters(cfg: ServeConfig, methods: Sequence[str], target: LoadedModel,
+def build_drafters(cfg: ServeConfig, methods: Sequence[str], target: LoadedModel | TargetTokenizer,
                    draft: LoadedModel | None) -> dict[str, Drafter]:
     """Every method of ``methods`` that can run here; the others are logged and left out."""
     store = make_store(cfg, target) if set(methods) & set(cfg.trigram_methods) else None

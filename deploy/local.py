@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+import time
+from typing import Any, Callable, Iterable
 
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from deploy.app import build_app
 from deploy.config import GRPC_SERVICERS, ServeConfig
@@ -43,9 +45,52 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
                 grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)))
 
 
-def deploy(cfg: ServeConfig):
+# Only for something really stuck (a replica that never starts): on 2 busy cores an app with four
+# model-loading deployments took over a minute, so Ray's own 60 s bound on a declarative deploy is not used.
+DEPLOY_TIMEOUT_S = float(os.environ.get("SPECD_DEPLOY_TIMEOUT_S", 900))
+
+
+class DeployError(RuntimeError):
+    """An application went DEPLOY_FAILED, vanished, or stayed not RUNNING past the bound."""
+
+
+def deploy(cfg: ServeConfig, timeout_s: float | None = None):
     """Run the app built from ``cfg`` and wait until it is RUNNING; returns the ingress handle."""
-    return serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix=cfg.route_prefix)
+    handle = serve._run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix=cfg.route_prefix,
+                        _blocking=False)
+    wait_running([cfg.name], timeout_s)
+    return handle
+
+
+def deploy_config(config: dict[str, Any], timeout_s: float | None = None) -> None:
+    """Apply a plain Serve config (what render_serve_config gives, KubeRay's path) and wait for its apps."""
+    schema = ServeDeploySchema.model_validate(config)
+    serve.context._get_global_client().deploy_apps(schema, _blocking=False)
+    wait_running([app.name for app in schema.applications], timeout_s)
+
+
+def wait_running(names: Iterable[str], timeout_s: float | None = None, poll_s: float = 1.0) -> None:
+    """Poll Serve until every app in ``names`` is RUNNING; DeployError at once on DEPLOY_FAILED.
+
+    The bound (``DEPLOY_TIMEOUT_S`` unless given) is there for a stuck deploy, not for a slow machine.
+    """
+    names = list(names)
+    deadline = time.monotonic() + (DEPLOY_TIMEOUT_S if timeout_s is None else timeout_s)
+    while True:
+        apps = serve.status().applications
+        for name in names:
+            app = apps.get(name)
+            if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise DeployError(f"application {name!r} failed to deploy: {app.message}")
+        pending = {n: (apps[n].status if n in apps else "absent") for n in names
+                   if n not in apps or apps[n].status != ApplicationStatus.RUNNING}
+        if not pending:
+            # What Serve's own blocking deploy ends with: the proxies route to the new apps.
+            serve.context._get_global_client().wait_for_proxies_serving(wait_for_applications_running=True)
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"applications not RUNNING after {timeout_s or DEPLOY_TIMEOUT_S:.0f} s: {pending}")
+        time.sleep(poll_s)
 
 
 def stop() -> None:

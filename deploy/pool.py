@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from actors.models import load_model
+from actors.models import load_model, load_tokenizer
 from deploy.config import ServeConfig
 from deploy.drafters import DrafterHost, build_drafters
 from deploy.metrics import pool_metrics
@@ -17,7 +17,8 @@ class DrafterPool:
     def __init__(self, config: dict, role: str) -> None:
         cfg = ServeConfig.model_validate(config)
         torch.set_num_threads(cfg.threads())
-        target = load_model(cfg.model)
+        # The target's weights are never run here: drafters need its tokenizer, identity and vocabulary size.
+        target = load_tokenizer(cfg.model)
         aux = role == "aux"
         draft = load_model(cfg.draft_model, device=cfg.device) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods

@@ -303,3 +303,28 @@ def test_zero_residual_inside_the_walk_stays_in_support() -> None:
     rejected = [a.tokens[0] for a in results if not a.accepted_nodes]
     assert 0 < len(rejected) < len(results)
     assert set(rejected) == {0, 1}
+
+
+def test_siblings_drawn_from_different_rows_are_each_tested_against_their_own():
+    """Two first-level siblings drawn independently from different proposals q1, q2: the emitted token is p."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q1, q2 = torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.05, 0.05, 0.1, 0.8])
+    rng, gen, n = np.random.default_rng(0), torch.Generator().manual_seed(0), 20_000
+    counts = np.zeros(4)
+    for x1, x2 in zip(rng.choice(4, n, p=q1.numpy()), rng.choice(4, n, p=q2.numpy())):
+        draft = Draft(np.array([x1, x2]), np.array([-1, -1]), q=torch.stack([q1, q2]))
+        acc = accept_tree_sampled(draft, torch.stack([p, p, p]), gen)
+        counts[acc.tokens[0]] += 1
+    assert chisquare(counts, p.numpy() * n).pvalue > 1e-3
+
+
+def test_siblings_sharing_a_row_are_still_without_replacement():
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    rng, gen, n = np.random.default_rng(1), torch.Generator().manual_seed(1), 20_000
+    counts = np.zeros(4)
+    for _ in range(n):
+        x = rng.choice(4, 2, replace=False, p=q.numpy())  # sequential draws without replacement from q
+        acc = accept_tree_sampled(Draft(x, np.array([-1, -1]), q=torch.stack([q, q])), torch.stack([p, p, p]), gen)
+        counts[acc.tokens[0]] += 1
+    assert chisquare(counts, p.numpy() * n).pvalue > 1e-3

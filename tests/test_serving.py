@@ -17,7 +17,6 @@ import requests
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from actors.drafter import NoDrafter, with_options  # noqa: E402
 from actors.engine import Engine  # noqa: E402
@@ -108,6 +107,20 @@ def test_pools_hold_replicas_and_overflow_stays_pending(served):
         assert status.deployments["Overflow"].replica_states.get("RUNNING", 0) == 0
     finally:
         serve.delete("overflow")
+
+
+def test_a_failing_deploy_is_reported_at_once_not_waited_out(served):
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("no model here")
+
+    serve._run(Broken.bind(), name="broken", route_prefix=None, _blocking=False)
+    try:
+        with pytest.raises(local.DeployError, match="no model here"):
+            local.wait_running(["broken"], timeout_s=3600)  # DEPLOY_FAILED ends the wait, not the bound
+    finally:
+        serve.delete("broken")
 
 
 def test_eight_concurrent_streams(served, client, reference):
@@ -254,7 +267,7 @@ def test_smollm2_from_the_rendered_config(served, smollm2):
                       verifier=DeploymentOptions(num_cpus=0.2, resources={"verify_pool": 1}))
     both = render_serve_config(served)
     both["applications"] += render_serve_config(cfg)["applications"]
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(both), _blocking=True)
+    local.deploy_config(both)  # waits on readiness itself: Ray's 60 s bound fails on a busy 2-core machine
     try:
         messages = [{"role": "user", "content": "Name three colors."}]
         ids = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

@@ -39,12 +39,10 @@ def make_aded_drafter(target, store=None, matrix_path: str | Path | None = None,
     if matrix.identity and matrix.identity != target.identity:
         raise ValueError(f"matrix {path} was built for tokenizer {matrix.identity}, not {target.identity}")
     if cost_model is None:
-        from actors.kernels import kernels_of
         from actors.profile import profile_path
 
         profile = profile_path(target)
-        kernels = kernels_of(target.model)
-        cost_model = CostModel.from_json(profile) if profile.exists() else smollm2_cpu_cost(kernels)
+        cost_model = CostModel.from_json(profile) if profile.exists() else smollm2_cpu_cost(target.kernels)
     if isinstance(config, dict):
         config = AdedConfig(**config)
     store = store if store is not None else MemoryStore(StoreConfig(namespace=target.identity))
