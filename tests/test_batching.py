@@ -302,3 +302,16 @@ def test_engine_loop_serves_many_threads_and_cancels(target):
     for i in range(1, len(prompts)):
         assert got[i] == expected[i]
     assert got[0] == expected[0][: len(got[0])] and len(got[0]) < len(expected[0])
+
+
+def test_engine_forwards_raise_no_transformers_deprecation(target, aux):
+    """The engine and the drafter models drive transformers through its current cache interface
+    (``cache=``; ``past_key_values`` is deprecated and warned about on every call)."""
+    import warnings
+
+    engine = Engine(target, cost=CostModel.flat())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for drafter in (ModelDrafter(aux.model, gamma=2), MtadDrafter(aux.model, gamma=2, beam_width=2, tau=0.5,
+                                                                     keep_all_beams=True)):
+            engine.run([1, 2, 3], SamplingParams(max_new_tokens=6, ignore_eos=True), drafter)
