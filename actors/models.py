@@ -180,8 +180,13 @@ class TargetTokenizer:
     dtype_name: str = "float32"
 
 
-def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None) -> TargetTokenizer:
-    """The tokenizer, identity and vocabulary size of ``spec`` (any ``load_model`` spec), without its weights."""
+def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None, device_type: str = "cpu",
+                   dtype: DtypeName = "auto") -> TargetTokenizer:
+    """The tokenizer, identity and vocabulary size of ``spec`` (any ``load_model`` spec), without its weights.
+
+    ``device_type`` / ``dtype``: where and how the verifier runs the target, so a drafter reads the verifier's
+    cost curve (a CUDA target is never budgeted with a CPU curve).
+    """
     name, _, seed = spec.partition(":")
     if name in REGISTRY and REGISTRY[name].gguf is None:
         _check_tiny_seed(spec, seed)
@@ -191,8 +196,11 @@ def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None) -> 
         path, gguf = _tokenizer_source(spec, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
         vocab = int(AutoConfig.from_pretrained(path, **gguf).vocab_size)
-    kernels = "onednn" if onednn_available() else "torch"  # load_model's auto on the CPU for fp32 weights
-    return TargetTokenizer(tokenizer, spec, tokenizer_identity(tokenizer), vocab, kernels)
+    torch_dtype = resolve_dtype(dtype, torch.device(device_type))
+    # load_model's auto kernels: oneDNN for fp32 weights on the CPU
+    kernels = "onednn" if device_type == "cpu" and torch_dtype == torch.float32 and onednn_available() else "torch"
+    return TargetTokenizer(tokenizer, spec, tokenizer_identity(tokenizer), vocab, kernels, device_type,
+                           str(torch_dtype).removeprefix("torch."))
 
 
 def _tokenizer_source(spec: str, cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, str]]:

@@ -120,6 +120,12 @@ class ServeConfig(BaseModel):
         60.0, gt=0, description="Bound on one tensor-parallel collective: a dead or stuck rank fails requests "
         "after at most this long instead of hanging them.")
 
+    def verifier_device_type(self) -> str:
+        """Where the verifier runs the target: ``device``, with auto resolved from the verify pool's GPUs."""
+        if self.device != "auto":
+            return self.device.partition(":")[0]
+        return "cuda" if self.verifier.num_gpus > 0 else "cpu"
+
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
         return EngineConfig(max_draft_tokens=self.max_draft_tokens, max_batch=self.max_batch,

@@ -18,9 +18,9 @@ class DrafterPool:
         cfg = ServeConfig.model_validate(config)
         torch.set_num_threads(cfg.threads())
         # The target's weights are never run here: drafters need its tokenizer, identity and vocabulary size.
-        target = load_tokenizer(cfg.model)
+        target = load_tokenizer(cfg.model, device_type=cfg.verifier_device_type(), dtype=cfg.dtype)
         aux = role == "aux"
-        draft = load_model(cfg.draft_model, device=cfg.device) if aux and cfg.draft_model else None
+        draft = load_model(cfg.draft_model, device=cfg.device, dtype=cfg.dtype) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods
         self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions)
         self.metrics = pool_metrics(role)

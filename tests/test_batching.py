@@ -315,3 +315,20 @@ def test_engine_forwards_raise_no_transformers_deprecation(target, aux):
         for drafter in (ModelDrafter(aux.model, gamma=2), MtadDrafter(aux.model, gamma=2, beam_width=2, tau=0.5,
                                                                      keep_all_beams=True)):
             engine.run([1, 2, 3], SamplingParams(max_new_tokens=6, ignore_eos=True), drafter)
+
+
+def test_a_cuda_target_is_never_budgeted_with_the_cpu_curve():
+    """Profiles are keyed by device and dtype; a drafter pool names the verifier's device (from the config),
+    and with no profile for it a CUDA target gets the flat curve, never the CPU fallback."""
+    from actors.models import load_tokenizer
+    from actors.profile import fallback_cost, profile_path
+    from deploy.config import DeploymentOptions, ServeConfig
+
+    gpu = ServeConfig(verifier=DeploymentOptions(num_gpus=1))
+    assert gpu.verifier_device_type() == "cuda" and ServeConfig().verifier_device_type() == "cpu"
+    on_gpu = load_tokenizer("tiny-llama", device_type=gpu.verifier_device_type(), dtype=gpu.dtype)
+    on_cpu = load_tokenizer("tiny-llama")
+    assert (on_gpu.device_type, on_gpu.dtype_name, on_gpu.kernels) == ("cuda", "bfloat16", "torch")
+    assert profile_path(on_gpu) != profile_path(on_cpu)
+    flat = fallback_cost(on_gpu)
+    assert flat.relative(64, 512) == 1.0 and fallback_cost(on_cpu).relative(64, 512) > 1.5
