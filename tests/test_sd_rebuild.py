@@ -21,7 +21,7 @@ from actors.models import load_model
 from actors.sampling import SamplingParams
 from actors.sd import ModelDrafter, draft_uniform, sample_at
 from deploy.drafters import DrafterHost, RemoteDrafter
-from specd.v1 import specd_pb2 as pb
+from specd_api.v1 import specd_pb2 as pb
 from specd_testing import exact_pair_distribution
 
 
