@@ -168,10 +168,10 @@ class Engine:
     def _admit(self, events: list) -> None:
         while self._waiting and len(self._requests) - len(self._waiting) < self.config.max_batch:
             req = self._waiting.pop(0)
+            req.seq = self.verifier.start(req.prompt, prefill=False)  # a verifier failure is the whole engine's
             try:
-                req.seq = self.verifier.start(req.prompt, prefill=False)
                 req.drafter.start(req.id, req.prompt, req.params)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a drafter failure is its request's alone
                 events.append((req.id, self._fail(req, e)))
 
     def _prefill(self) -> list[_Request]:

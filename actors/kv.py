@@ -147,7 +147,8 @@ class BatchKV(Cache):
         ).last_hidden_state  # [R, Q, hidden]
         keep = [i * q + j for i, r in sorted(by_row.items()) for j in range(len(r.ids))]
         flat = hidden.reshape(n_rows * q, -1)[torch.tensor(keep, device=hidden.device)]
-        logits = self.model.get_output_embeddings()(flat).float().cpu()  # acceptance runs on the CPU
+        # [1, N, hidden]: a sharded head (DeepSpeed's LmHeadLinearAllreduce) wants [batch, seq, hidden]
+        logits = self.model.get_output_embeddings()(flat[None])[0].float().cpu()  # acceptance runs on the CPU
         out, at = {}, 0
         for i, r in sorted(by_row.items()):
             out[id(r)] = logits[at : at + len(r.ids)]

@@ -59,11 +59,15 @@ class Verifier:
         chunk by chunk through :meth:`prefill` when ``prefill`` is False."""
         seq = TargetSequence(self.kv.add(), self.check_prompt(prompt_ids))
         if prefill:
-            self.prefill(seq)
+            self._cache_prompt(seq, None)
         return seq
 
     def prefill(self, seq: TargetSequence, max_tokens: int | None = None) -> int:
         """Cache up to ``max_tokens`` more prompt tokens in one forward; returns how many are left."""
+        return self._cache_prompt(seq, max_tokens)
+
+    def _cache_prompt(self, seq: TargetSequence, max_tokens: int | None) -> int:
+        # Not ``prefill``: a TP leader mirrors that op, while ``start`` is mirrored as a whole.
         start = len(seq.slot)
         chunk = seq.tokens[start : len(seq.tokens) - 1][:max_tokens]
         if chunk:
