@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.engine import EngineConfig
 from actors.models import DEFAULT_MODEL
+from deploy.request import RequestLimits
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 GRPC_SERVICERS = (
@@ -94,6 +95,7 @@ class ServeConfig(BaseModel):
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on every size a request sets.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per model replica; None = the CPUs this process may use "

@@ -33,6 +33,8 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
     """
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    # The gRPC proxy's receive bound (Ray's default is 2 GiB): read by the proxy process at its start.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.limits.max_message_bytes))
     resources = cfg.pool_sizes()
     for name, amount in (extra_resources or {}).items():
         resources[name] = resources.get(name, 0) + amount
