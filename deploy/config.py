@@ -91,6 +91,11 @@ class ServeConfig(BaseModel):
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
     drafter_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
+    store_prompts: bool = Field(
+        True, description="Fold each prompt's tri-grams into the adaptive store. The store is shared by every "
+        "request of a replica (of the fleet with Redis), so what one tenant sends shapes the drafts of others and "
+        "a request's accepted counts hint whether its text matched theirs; False keeps prompts out (outputs "
+        "and the target's top-k still go in). See README 'What a shared store reveals'.")
     redis_url: str | None = Field(None, description="Shared n-gram store; None = in-memory store per process.")
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")

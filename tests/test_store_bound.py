@@ -41,3 +41,17 @@ def test_redis_store_local_view_is_bounded():
             assert len(store) <= 550
         assert store.stats()["evicted_rows"] > 4000
         store.close()
+
+
+def test_store_prompts_false_keeps_prompts_out_of_the_store():
+    from actors.models import load_tokenizer
+    from actors.sampling import SamplingParams
+    from deploy.config import ServeConfig
+    from deploy.drafters import build_drafters
+
+    target = load_tokenizer("tiny-llama")
+    prompt = list(range(40, 140))
+    for share, expect_rows in ((True, True), (False, False)):
+        drafter = build_drafters(ServeConfig(model="tiny-llama", store_prompts=share), ("aded",), target, None)["aded"]
+        drafter.start("r", prompt, SamplingParams())
+        assert (len(drafter.store) > 0) == expect_rows
