@@ -82,7 +82,8 @@ def wait_running(names: Iterable[str], timeout_s: float | None = None, poll_s: f
         for name in names:
             app = apps.get(name)
             if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-                raise DeployError(f"application {name!r} failed to deploy: {app.message}")
+                why = "; ".join(f"{d}: {dep.message}" for d, dep in app.deployments.items() if dep.message)
+                raise DeployError(f"application {name!r} failed to deploy: {app.message} {why}".strip())
         pending = {n: (apps[n].status if n in apps else "absent") for n in names
                    if n not in apps or apps[n].status != ApplicationStatus.RUNNING}
         if not pending:
