@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared_state.base import Increment, NGramStore, StoreConfig
+from shared_state.base import Increment, NGramStore, StoreConfig, evict_weakest
 from shared_state.memory import fold
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ def unpack_rows(reply: bytes, n_keys: int, config: StoreConfig, options: RedisOp
     vals = np.frombuffer(reply, dtype="<f8").tolist()
     now, p, rejected, rows = vals[0], 1, 0, []
     half_life, cap, top_k = options.half_life_s, config.cap, config.top_k
+    vocab = config.vocab_size or float("inf")
     for _ in range(n_keys):
         n, stamp, bad = vals[p:p + 3]
         n, p = int(n), p + 3
@@ -176,8 +177,10 @@ def unpack_rows(reply: bytes, n_keys: int, config: StoreConfig, options: RedisOp
             continue
         rejected += int(bad)
         factor = 0.5 ** ((now - stamp) / half_life) if half_life and 0 <= stamp < now else 1.0
-        row = {int(c): min(w, cap) * factor for c, w in zip(vals[p:p + 2 * n:2], vals[p + 1:p + 2 * n:2])
-               if w * factor >= options.min_weight and w > 0}
+        pairs = list(zip(vals[p:p + 2 * n:2], vals[p + 1:p + 2 * n:2]))
+        valid = [(c, w) for c, w in pairs if 0 <= c < vocab and c == int(c)]  # ids this tokenizer has
+        rejected += len(pairs) - len(valid)
+        row = {int(c): min(w, cap) * factor for c, w in valid if w * factor >= options.min_weight and w > 0}
         p += 2 * n
         if len(row) > top_k:  # written by something else than this schema's flush
             row = dict(sorted(row.items(), key=lambda cw: -cw[1])[:top_k])
@@ -210,7 +213,7 @@ class RedisStore(NGramStore):
         self._tracked: OrderedDict[int, None] = OrderedDict()  # background thread only; most recent last
         self._counts = dict.fromkeys(
             ("flushed_increments", "failed_flushes", "pulls", "pulled_rows", "outages", "rejected_fields",
-             "rejected_keys", "dropped_increments"), 0)
+             "rejected_keys", "dropped_increments", "evicted_rows"), 0)
         self._healthy = False
         self._outage_since: float | None = None
         self._started = self._done = 0
@@ -242,6 +245,8 @@ class RedisStore(NGramStore):
                     self._n_pending += 1
                 buf[c] = buf.get(c, 0.0) + delta
             self._drop_overflow()
+            # The local view only: the server's rows are bounded server-side (see ARCHITECTURE.md).
+            self._counts["evicted_rows"] += evict_weakest(table, self.config.max_rows)
 
     def successors(self, a: int, b: int) -> dict[int, float]:
         self._reads[int(a) << 32 | int(b)] = None  # int(): a numpy int32 would overflow the shift
