@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -25,7 +26,7 @@ from actors.models import load_model
 from deploy.config import ServeConfig
 from deploy.drafters import CappedDrafter, RemoteDrafter, build_drafters
 from deploy.metrics import verifier_metrics
-from deploy.request import GenerationRequest, RequestError
+from deploy.request import GenerationRequest, RequestError, check_max_tokens
 from deploy.tp import TPGroup
 
 _END = object()
@@ -59,6 +60,7 @@ class VerifierServer:
                     self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity)
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
         self.metrics = verifier_metrics()
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.loop = EngineLoop(self.engine, on_step=self.metrics.batch_step)
 
     def describe(self) -> dict:
@@ -80,7 +82,9 @@ class VerifierServer:
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
         arrived = time.perf_counter()
-        ids, drafter, method = self._prepare(req)
+        # Tokenizing a long prompt takes milliseconds of CPU: off the replica's event loop, on one thread (a
+        # fast tokenizer's encode settings are not safe to change from two threads at once).
+        ids, drafter, method = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._prepare, req)
         lossless = METHODS[method].lossless
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the loop thread
@@ -113,9 +117,7 @@ class VerifierServer:
             raise RequestError(f"unknown method {method!r}; choose from {', '.join(sorted(self.drafters))}")
         if method not in self.drafters:
             raise RequestError(f"method {method!r} is not served here; choose from {', '.join(sorted(self.drafters))}")
-        if req.params.max_new_tokens > self.cfg.max_tokens_limit:
-            raise RequestError(f"max_tokens {req.params.max_new_tokens} is over this server's limit of "
-                               f"{self.cfg.max_tokens_limit}")
+        check_max_tokens(req.params.max_new_tokens, self.cfg.max_tokens_limit)
         ids = self._encode(req)
         limit = self.engine.verifier.max_context
         if len(ids) >= limit:
