@@ -89,7 +89,9 @@ class ServeConfig(BaseModel):
         True, description="Route all draft steps of a request to one drafter replica (deploy.routing).")
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
     drafter_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
+        default_factory=dict, description="Per-method server options (actors.methods.check_options): aded takes "
+        "AdedConfig's fields, e.g. {aded: {search: mcts, mcts: {simulations: 64}}}; sd gamma; mtad/mmtad gamma, "
+        "beam_width, tau. Unknown keys are an error.")
     redis_url: str | None = Field(None, description="Shared n-gram store; None = in-memory store per process.")
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
@@ -109,6 +111,15 @@ class ServeConfig(BaseModel):
     tp_timeout_s: float = Field(
         60.0, gt=0, description="Bound on one tensor-parallel collective: a dead or stuck rank fails requests "
         "after at most this long instead of hanging them.")
+
+    @field_validator("drafter_options")
+    @classmethod
+    def _known_drafter_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from actors.methods import check_options
+
+        for method, options in v.items():
+            check_options(method, options)
+        return v
 
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""

@@ -26,6 +26,8 @@ ALL_METHODS = ("ar", "aded-cold", "aded-online", "hf", "hf-lookup")
 
 def cmd_bench_aded(args) -> int:
     from actors.aded import make_aded_drafter
+    from actors.methods import aded_config
+    from specd.aded_args import aded_options_from_args
     from specd.cli import UsageError, encode_prompt
 
     names = args.methods.split(",") if args.methods else list(ALL_METHODS)
@@ -35,10 +37,11 @@ def cmd_bench_aded(args) -> int:
         names.insert(0, "ar")
     target = load_model(args.model or "smollm2-135m")
     engine = Engine(target)
-    online = make_aded_drafter(target) if "aded-online" in names else None
+    aded = aded_config(aded_options_from_args(args))  # --aded-search etc.
+    online = make_aded_drafter(target, config=aded) if "aded-online" in names else None
     factories = {
         "ar": lambda: EngineMethod("ar", engine, NoDrafter()),
-        "aded-cold": lambda: EngineMethod("aded-cold", engine, fresh_drafter=lambda: make_aded_drafter(target)),
+        "aded-cold": lambda: EngineMethod("aded-cold", engine, fresh_drafter=lambda: make_aded_drafter(target, config=aded)),
         "aded-online": lambda: EngineMethod("aded-online", engine, online),
         "hf": lambda: HFMethod("hf", target),
         "hf-lookup": lambda: HFMethod("hf-lookup", target, prompt_lookup_num_tokens=10),
@@ -53,7 +56,7 @@ def cmd_bench_aded(args) -> int:
                        no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
-                        "kernels": kernels_of(target.model),
+                        "kernels": kernels_of(target.model), "aded": aded.model_dump(mode="json"),
                         "command": " ".join(sys.argv)}
     write_outputs(result, args.out, baseline="ar")
     print(markdown_table(result["summary"], "ar"))

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from actors.models import DEFAULT_MODEL
+from specd.aded_args import add_aded_arguments, aded_options_from_args, reject_remote
 from specd.serve_cmd import add_serve_parser, generate_remote
 
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the chat template (default: on when the model has one)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
+    add_aded_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     add_serve_parser(sub)
@@ -83,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("bench", help="benchmark methods side by side (JSON, markdown, PNG)")
-    b.add_argument("--suite", default="all", choices=["all", "mtbench", "humaneval", "mtad"],
-                   help="mtbench / humaneval / all: ADED vs AR vs HF; mtad: MTAD vs SD on the Qwen pair")
+    b.add_argument("--suite", default="all", choices=["all", "mtbench", "humaneval", "mtad", "search"],
+                   help="mtbench / humaneval / all: ADED vs AR vs HF; mtad: MTAD vs SD on the Qwen pair; "
+                        "search: ADED's best-first vs MCTS (both values), engine and simulator")
     b.add_argument("--model", default=None, help="target (default: smollm2-135m; qwen2.5-coder-1.5b for mtad)")
     b.add_argument("--draft-model", default=None, help="auxiliary model (mtad suite; default qwen2.5-coder-0.5b)")
     b.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, action="append", default=None,
                    help="mtad suite: sampling temperature, repeatable (default 1.0)")
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    add_aded_arguments(b)
     b.set_defaults(func=cmd_bench)
 
     n = sub.add_parser("ngrams", help="tri-gram matrices for ADED")
@@ -170,6 +174,7 @@ def cmd_generate(args) -> int:
     from actors.sampling import SamplingParams
 
     if args.server:
+        reject_remote(args)
         return generate_remote(args, read_prompts(args))
     args.method = args.method or "ar"
     if args.method not in METHODS:
@@ -219,7 +224,7 @@ def _generate(args, prompts: list[str], params, config) -> int:
     try:
         draft = load_model(args.draft_model, device=device) if args.draft_model else None
         try:
-            drafter = with_options(make_drafter(args.method, target, draft), gamma=args.gamma,
+            drafter = with_options(make_drafter(args.method, target, draft, **aded_options_from_args(args, args.method)), gamma=args.gamma,
                                    beam_width=args.beam_width, tau=args.tau)
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}") from None
@@ -294,6 +299,10 @@ def cmd_bench(args) -> int:
         from specd.bench_mtad import cmd_bench_mtad
 
         return cmd_bench_mtad(args)
+    if args.suite == "search":
+        from specd.bench_search import cmd_bench_search
+
+        return cmd_bench_search(args)
     from specd.bench_aded import cmd_bench_aded
 
     return cmd_bench_aded(args)
