@@ -61,6 +61,8 @@ def cmd_bench_search(args) -> int:
     from actors.methods import aded_config, ensure_default_matrix
     from specd.cli import encode_prompt
 
+    if args.methods:
+        raise ValueError("--suite search runs ar and every search; --methods does not apply")
     configs = {name: aded_config(c) for name, c in search_configs(args).items()}
     target = load_model(args.model or "smollm2-135m")
     ensure_default_matrix(target)
@@ -85,7 +87,9 @@ def cmd_bench_search(args) -> int:
                                                  max_nodes=MAX_NODES).summary()
                                     for name, c in configs.items()}
                             for curve, cost in curves.items()}
-    result = {"engine": engine_summary, "simulator": simulator, "records": bench["records"],
+    timing = {suite: search_timing(target, load_traces(args.out / f"traces-{suite}.jsonl"), configs)
+              for suite in prompts}
+    result = {"engine": engine_summary, "simulator": simulator, "search_us": timing, "records": bench["records"],
               "config": {"model": target.name, "searches": {n: c.model_dump(mode="json") for n, c in configs.items()},
                          "offset": args.offset, "limit": args.limit, "max_new_tokens": params.max_new_tokens,
                          "max_nodes_simulated": MAX_NODES, "kernels": kernels_of(target.model),
@@ -97,6 +101,49 @@ def cmd_bench_search(args) -> int:
     print(markdown(result))
     print(json.dumps({"out": str(args.out)}), file=sys.stderr)
     return 0
+
+
+def search_timing(target: LoadedModel, traces: list[Trace], configs: dict, every: int = 4) -> dict:
+    """Median microseconds of one n-gram search call, compiled and Python reference, on the traces' states
+    (the prompt's tri-grams folded into the store, as the drafter does): the search alone, no trie or budget."""
+    import time
+
+    import numpy as np
+
+    from actors.aded.corpus import default_matrix_path
+    from actors.aded.jit_search import CompiledSearch, SearchCache
+    from actors.aded.mcts import mcts_paths
+    from actors.aded.ngram import NGramModel, trigram_increments
+    from actors.aded.tree import best_first_paths
+    from actors.aded.trigram import TrigramMatrix
+    from shared_state import MemoryStore, StoreConfig
+
+    matrix = TrigramMatrix.load(default_matrix_path(target.identity))
+    out = {}
+    for name, c in configs.items():
+        model = NGramModel(matrix, MemoryStore(StoreConfig(namespace=target.identity)), c.ngram)
+        search = CompiledSearch(model)
+        times: dict[str, list[float]] = {"compiled": [], "reference": []}
+        for trace in traces:
+            ctx = trace.prompt_ids + trace.output_ids
+            model.store.add(trigram_increments(trace.prompt_ids, 0, c.adapt.verified_delta))
+            cache = SearchCache()
+            for i in range(len(trace.prompt_ids) + 1, len(ctx), every):
+                a, b = ctx[i - 2], ctx[i - 1]
+                for kind in times:
+                    t = time.perf_counter()
+                    if kind == "compiled" and c.search == "best_first":
+                        search.best_first(a, b, c.best_first, cache)
+                    elif kind == "compiled":
+                        search.mcts(a, b, c.mcts, np.random.default_rng(i), cache)
+                    elif c.search == "best_first":
+                        best_first_paths(model.memo(), a, b, c.best_first)
+                    else:
+                        mcts_paths(model.memo(), a, b, c.mcts, np.random.default_rng(i))
+                    times[kind].append(time.perf_counter() - t)
+        out[name] = {k: round(1e6 * float(np.median(v)), 1) if v else None for k, v in times.items()}
+        out[name]["rounds_per_call"] = round(search.rounds / max(1, search.calls), 3)
+    return out
 
 
 def _engine_summary(records: list[dict], summary: dict) -> dict:
@@ -147,6 +194,11 @@ def markdown(result: dict) -> str:
             for name, s in searches.items():
                 lines.append(f"| {suite} | {curve} | {name} | {s['tokens_per_forward']:.3f} | {s['nodes_per_forward']}"
                              f" | {s['verify_speedup']:.3f}x | {s['draft_ms_per_step']} |")
+    lines += ["", "## One search call (median us; the search alone)", "",
+              "| suite | search | compiled | Python reference | rounds per call |", "|---|---|---|---|---|"]
+    for suite, searches in result["search_us"].items():
+        for name, s in searches.items():
+            lines.append(f"| {suite} | {name} | {s['compiled']} | {s['reference']} | {s['rounds_per_call']} |")
     return "\n".join(lines) + "\n"
 
 

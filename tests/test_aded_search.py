@@ -186,3 +186,92 @@ def test_cli_flag_errors_are_messages(capsys, args, message):
     assert main(["generate", *TINY, "hi", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+class _Recording:
+    """The drafter as the engine sees it, noting each draft's size (to check trees were really drafted)."""
+
+    def __init__(self, drafter) -> None:
+        self.drafter, self.sizes = drafter, []
+        self.target_topk = drafter.target_topk
+
+    def __getattr__(self, name):  # whatever else the engine reads of a drafter
+        return getattr(self.drafter, name)
+
+    def start(self, *a):
+        self.drafter.start(*a)
+
+    def propose(self, request_id, context, max_nodes):
+        draft = self.drafter.propose(request_id, context, max_nodes)
+        self.sizes.append((int((draft.parents < 0).sum()), int((draft.parents >= 0).sum())))  # (level 1, deeper)
+        return draft
+
+    def observe(self, *a):
+        self.drafter.observe(*a)
+
+    def finish(self, *a):
+        self.drafter.finish(*a)
+
+
+@pytest.mark.parametrize("value", ["rollout", "path"])
+def test_mcts_sampled_output_has_target_distribution(value):
+    """Sampling through the engine with MCTS trees of several nodes and levels: the exact target distribution."""
+    from scipy.stats import chisquare
+
+    import actors.engine as engine_mod
+    import actors.models as models
+    from actors.drafter import NoDrafter
+    from specd_testing import exact_pair_distribution
+
+    target = models.load_model("tiny-llama")
+    engine = engine_mod.Engine(target)
+    greedy = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    rng = np.random.default_rng(100)
+    outs = [engine.run(rng.integers(0, 256, int(rng.integers(2, 30))).tolist(), greedy, NoDrafter()).token_ids
+            for _ in range(8)]
+    matrix = build_matrix([np.array(o) for o in outs], 259, progress=False)
+    # 4 tokens: the first step may draft 3 nodes (the engine keeps room for the bonus token); the first two
+    # output tokens, whose exact joint distribution is known, come out of those trees.
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=3, ignore_eos=True)
+    prompt = [5, 17, 99]
+    cells, expected = exact_pair_distribution(target.model, prompt, params)
+    expected = np.array(expected) / sum(expected)  # float32 products: scipy wants sums equal to 1e-8
+    store = MemoryStore(StoreConfig(namespace="tiny"))
+    first = {}
+    for (a, _), p in zip(cells, expected):
+        first[a] = first.get(a, 0.0) + p
+    for (a, b), p in zip(cells, expected):  # the store mirrors the target: trees follow its likely paths
+        store.add([(prompt[-2], prompt[-1], a, 3.0 * first[a] / len(cells)), (prompt[-1], a, b, 3.0 * p / first[a])])
+    config = AdedConfig(search="mcts", mcts={"simulations": 40, "value": value},
+                        adapt={"verified_delta": 0.0, "topk_weights": ()}, suffix={"enabled": False})
+    drafter = _Recording(AdedDrafter(matrix, store, config, CostModel.flat()))
+    n, pairs = 1500, []
+    for s in range(n):
+        out = engine.run(prompt, params.model_copy(update={"seed": s}), drafter)
+        pairs.append(tuple(out.token_ids[:2]))
+    assert sum(1 for first, _ in drafter.sizes if first >= 2) > n // 4  # siblings: multi-draft rejection
+    assert sum(1 for _, deep in drafter.sizes if deep > 0) > n // 4  # and depth 2
+    observed = [pairs.count(c) for c in cells]
+    assert sum(observed) == n
+    assert chisquare(observed, expected * n).pvalue > 1e-3
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("search", ["best_first", "mcts"])
+def test_smollm2_greedy_identical_to_ar(smollm2, search):
+    from actors.drafter import NoDrafter
+    from actors.engine import Engine
+    from actors.methods import make_drafter
+    from specd.cli import encode_prompt
+
+    engine = Engine(smollm2)
+    drafter = make_drafter("aded", smollm2, search=search, mcts={"simulations": 150})
+    params = SamplingParams(max_new_tokens=32)
+    drafted = 0
+    for prompt in ("Write a Python function that returns the sum of a list.", "Why is the sea salty?"):
+        ids = encode_prompt(smollm2.tokenizer, prompt, chat=True)
+        ar = engine.run(ids, params, NoDrafter())
+        spec = engine.run(ids, params, drafter)
+        assert spec.token_ids == ar.token_ids
+        drafted += spec.stats.drafted_tokens
+    assert drafted > 0
