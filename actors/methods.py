@@ -67,8 +67,10 @@ def describe(method: str, options: dict | None = None) -> str:
         m = c.mcts
         how = (f"MCTS (PUCT, {m.simulations} simulations, depth {m.max_depth}, value {m.value}"
                f"{'' if c.compiled else ', Python reference'})")
-    elif c.search == "best_first":
+    elif c.search == "best_first" and "best_first" in c.model_fields_set:
         how = f"best-first ({c.best_first.max_nodes} nodes, depth {c.best_first.max_depth})"
+    elif c.search == "best_first":
+        how = f"best-first ({c.best_first.max_nodes} nodes on a steep cost curve, 64 on a flat one)"
     else:
         how = "none (context matching only)"
     return f"{text}; n-gram search: {how}"

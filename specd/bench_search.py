@@ -8,7 +8,9 @@ MCTS variants' simulations and depth.
 1. **Engine** (greedy, this CPU): ar and one online drafter per search, interleaved per prompt
    (``specd.bench.run_bench``): tokens/s, tokens per forward, drafting ms per step, identity with ar.
 2. **Simulator** (``actors.aded.simulator``): the target's greedy traces of the same prompts (recorded once
-   with their top-k, cached in the output directory) replayed against a fresh drafter per search, under a
+   with their top-k, cached in the output directory), and the traces shipped for the target on the tuning
+   prompts (``tuning-chat`` / ``tuning-code``; none of them is in the matrix's corpus), replayed against a
+   fresh drafter per search, under a
    flat cost curve (GPU-like: every node up to ``--max-nodes`` is free, so the tree's quality alone
    decides) and under the CPU curve the engine uses. No target forward is timed, so its tokens per
    forward do not depend on how busy the machine is (its drafting ms do).
@@ -22,7 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from actors.aded.simulator import Trace, load_traces, record_traces, replay, save_traces, smollm2_cpu_cost
+from actors.aded.simulator import (Trace, load_traces, record_traces, replay, save_traces, shipped_traces,
+                                   smollm2_cpu_cost)
 from actors.cost import CostModel
 from actors.drafter import NoDrafter
 from actors.engine import Engine
@@ -80,13 +83,14 @@ def cmd_bench_search(args) -> int:
                       for s in prompts}
 
     curves = {"flat": CostModel.flat(), "cpu": smollm2_cpu_cost(kernels_of(target.model))}
-    simulator: dict[str, dict] = {}
-    for suite, items in prompts.items():
-        traces = _traces(target, items, params.max_new_tokens, args.out / f"traces-{suite}.jsonl")
-        simulator[suite] = {curve: {name: replay(make_aded_drafter(target, cost_model=cost, config=c), traces, cost,
-                                                 max_nodes=MAX_NODES).summary()
-                                    for name, c in configs.items()}
-                            for curve, cost in curves.items()}
+    trace_sets = {suite: _traces(target, items, params.max_new_tokens, args.out / f"traces-{suite}.jsonl")
+                  for suite, items in prompts.items()}
+    trace_sets.update(_tuning_traces(target))
+    simulator = {suite: {curve: {name: replay(make_aded_drafter(target, cost_model=cost, config=c), traces, cost,
+                                              max_nodes=MAX_NODES).summary()
+                                 for name, c in configs.items()}
+                         for curve, cost in curves.items()}
+                 for suite, traces in trace_sets.items()}
     timing = {suite: search_timing(target, load_traces(args.out / f"traces-{suite}.jsonl"), configs)
               for suite in prompts}
     result = {"engine": engine_summary, "simulator": simulator, "search_us": timing, "records": bench["records"],
@@ -159,6 +163,16 @@ def _engine_summary(records: list[dict], summary: dict) -> dict:
         out[name]["verify_ms_per_step"] = round(1e3 * (sum(m["seconds"] for m in ms) - draft_s) / forwards, 3) \
             if forwards else None
     return out
+
+
+def _tuning_traces(target: LoadedModel) -> dict[str, list[Trace]]:
+    """The target's shipped traces on ``TUNING_PROMPTS`` (kept out of the matrix corpus), split chat / code."""
+    path = shipped_traces(target.identity)
+    if path is None:
+        return {}
+    traces = load_traces(path)
+    code = [t for t in traces if t.name.startswith(("Write a Python", "Complete this"))]
+    return {"tuning-chat": [t for t in traces if t not in code], "tuning-code": code}
 
 
 def _traces(target: LoadedModel, items: list[dict], max_new_tokens: int, path: Path) -> list[Trace]:

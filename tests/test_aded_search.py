@@ -123,6 +123,18 @@ def test_drafter_compiled_equals_reference_over_a_request(search):
     assert sum(len(t) > 1 for t, _ in drafts[0]) > 20  # multi-node trees, not empty drafts
 
 
+def test_best_first_default_follows_the_cost_curve():
+    from actors.aded.simulator import smollm2_cpu_cost
+    from actors.aded.tree import FLAT_CURVE_BEST_FIRST
+
+    model, _ = _model(1, 40, adaptive=0)
+    store = MemoryStore(StoreConfig(namespace="t"))
+    assert AdedDrafter(model.matrix, store, None, CostModel.flat()).config.best_first == FLAT_CURVE_BEST_FIRST
+    assert AdedDrafter(model.matrix, store, None, smollm2_cpu_cost("onednn")).config.best_first == BestFirstConfig()
+    mine = AdedConfig(best_first={"max_nodes": 10})
+    assert AdedDrafter(model.matrix, store, mine, CostModel.flat()).config.best_first.max_nodes == 10
+
+
 def test_serve_config_takes_aded_fields_and_rejects_unknown_keys(tmp_path, capsys):
     from deploy.config import ServeConfig, load_config
 
@@ -230,9 +242,10 @@ def test_mcts_sampled_output_has_target_distribution(value):
     outs = [engine.run(rng.integers(0, 256, int(rng.integers(2, 30))).tolist(), greedy, NoDrafter()).token_ids
             for _ in range(8)]
     matrix = build_matrix([np.array(o) for o in outs], 259, progress=False)
-    # 4 tokens: the first step may draft 3 nodes (the engine keeps room for the bonus token); the first two
-    # output tokens, whose exact joint distribution is known, come out of those trees.
-    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=3, ignore_eos=True)
+    # 6 tokens: the first step may draft 5 nodes (the engine keeps room for the bonus token), more than the
+    # 3 first-level candidates; the first two output tokens, whose exact joint distribution is known, come
+    # out of those trees.
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=3, ignore_eos=True)
     prompt = [5, 17, 99]
     cells, expected = exact_pair_distribution(target.model, prompt, params)
     expected = np.array(expected) / sum(expected)  # float32 products: scipy wants sums equal to 1e-8
@@ -249,8 +262,9 @@ def test_mcts_sampled_output_has_target_distribution(value):
     for s in range(n):
         out = engine.run(prompt, params.model_copy(update={"seed": s}), drafter)
         pairs.append(tuple(out.token_ids[:2]))
-    assert sum(1 for first, _ in drafter.sizes if first >= 2) > n // 4  # siblings: multi-draft rejection
-    assert sum(1 for _, deep in drafter.sizes if deep > 0) > n // 4  # and depth 2
+    siblings = sum(1 for first, _ in drafter.sizes if first >= 2)  # multi-draft rejection at level 1
+    deep = sum(1 for _, below in drafter.sizes if below > 0)  # and depth 2
+    assert siblings > n // 10 and deep > n // 10, (siblings, deep, len(drafter.sizes))
     observed = [pairs.count(c) for c in cells]
     assert sum(observed) == n
     assert chisquare(observed, expected * n).pvalue > 1e-3

@@ -30,7 +30,7 @@ from actors.aded.jit_search import CompiledSearch, SearchCache
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
 from actors.aded.suffix import SuffixConfig, suffix_chains
-from actors.aded.tree import BestFirstConfig, CandidateTrie, best_first_paths
+from actors.aded.tree import FLAT_CURVE_BEST_FIRST, BestFirstConfig, CandidateTrie, best_first_paths
 from actors.aded.trigram import TrigramMatrix
 from actors.cost import CostModel
 from actors.draft import Draft
@@ -48,7 +48,9 @@ class AdedConfig(BaseModel):
         "`specd bench --suite search` compares them.")
     compiled: bool = Field(True, description="Run the search compiled (numba, actors.aded.jit_search); False "
                            "runs the Python reference it is tested against (same trees, slower).")
-    best_first: BestFirstConfig = Field(default_factory=BestFirstConfig, description="Best-first search settings.")
+    best_first: BestFirstConfig = Field(
+        default_factory=BestFirstConfig, description="Best-first search settings. Left unset, they follow the "
+        "cost curve: tree.FLAT_CURVE_BEST_FIRST (64 nodes) where 64 nodes cost under 1.5x one token (GPU-like).")
     mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
     suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")
     history: HistoryConfig = Field(default_factory=HistoryConfig, description="Cross-request output matching.")
@@ -82,7 +84,11 @@ class AdedDrafter:
 
     def __init__(self, matrix: TrigramMatrix, store: NGramStore, config: AdedConfig | None = None,
                  cost_model: CostModel | None = None) -> None:
-        self.config = config or AdedConfig()
+        config = config or AdedConfig()
+        flat = (cost_model or CostModel.flat()).relative(1 + config.budget.max_nodes, 256) < 1.5
+        if flat and "best_first" not in config.model_fields_set:
+            config = config.model_copy(update={"best_first": FLAT_CURVE_BEST_FIRST})
+        self.config = config
         self.matrix = matrix
         self.store = store
         self.model = NGramModel(matrix, store, self.config.ngram)

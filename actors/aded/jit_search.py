@@ -69,7 +69,7 @@ class RowTable:
                 changed = True
         return changed
 
-    def preload(self, known: dict[State, Known], search: CompiledSearch) -> None:
+    def preload(self, known: dict[State, Known]) -> None:
         """Write ``known`` rows (final) in one kernel call."""
         if not known:
             return
@@ -158,7 +158,7 @@ class CompiledSearch:
         for _ in range(self.max_rounds):
             if table is None or table.free < bound:  # a table too full for a whole run starts afresh
                 table = RowTable(2 * bound + len(known), self.row_args[2])
-                table.preload(known, self)
+                table.preload(known)
             self.rounds += 1
             parents, tokens, conf = kernel(table.arrays)
             if not table.settle(self.model, known):
