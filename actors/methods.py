@@ -17,14 +17,70 @@ class MethodSpec(NamedTuple):
     description: str  # one line, shown by ListModels
 
 
-#: name -> MethodSpec(lossless, description)
+#: name -> MethodSpec(lossless, description); ``describe`` adds what a configured drafter runs.
 METHODS: dict[str, MethodSpec] = {name: MethodSpec(*spec) for name, spec in {
     "ar": (True, "plain autoregressive decoding (the baseline)"),
     "sd": (True, "standard speculative decoding with an auxiliary draft model (lossless)"),
-    "aded": (True, "ADED: adaptive tri-gram matrix + MCTS draft trees, no draft model (lossless)"),
+    "aded": (True, "ADED: adaptive tri-gram matrix + context matching, draft trees searched best-first or by "
+                   "MCTS, no draft model (lossless)"),
     "mtad": (False, "MTAD: auxiliary-model multi-token joint decoding (APPROXIMATE by design)"),
     "mmtad": (False, "MMTAD: MTAD keeping all beams as a draft tree (APPROXIMATE by design)"),
 }.items()}
+
+
+#: Server-side options each method takes (``ServeConfig.drafter_options``, ``make_drafter``): anything
+#: else is an error, never dropped. ADED takes ``AdedConfig``'s fields (checked by ``aded_config``).
+OPTIONS: dict[str, frozenset[str]] = {
+    "ar": frozenset(), "sd": frozenset({"gamma"}), "mtad": frozenset({"gamma", "beam_width", "tau"}),
+    "mmtad": frozenset({"gamma", "beam_width", "tau"}),
+}
+
+
+def check_options(method: str, options: dict) -> None:
+    """Raise ValueError (one line) if ``options`` are not what ``method`` takes."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "aded":
+        aded_config(options)
+        return
+    unknown = sorted(set(options) - OPTIONS[method])
+    if unknown:
+        takes = ", ".join(sorted(OPTIONS[method])) or "no options"
+        raise ValueError(f"method {method!r} does not take {unknown}; it takes {takes}")
+
+
+def aded_config(options: dict | None):
+    """``AdedConfig`` from server options (its fields, e.g. ``{search: mcts, mcts: {simulations: 64}}``);
+    ValueError naming the offending key otherwise."""
+    from pydantic import ValidationError
+
+    from actors.aded import AdedConfig
+
+    try:
+        return AdedConfig.model_validate(options or {})
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"aded options: {errors} (the keys are AdedConfig's: "
+                         f"{', '.join(AdedConfig.model_fields)})") from None
+
+
+def describe(method: str, options: dict | None = None) -> str:
+    """``METHODS``' description plus, for ADED, the search the given options make it run."""
+    text = METHODS[method].description
+    if method != "aded":
+        return text
+    c = aded_config(options)
+    if c.search == "mcts":
+        m = c.mcts
+        how = (f"MCTS (PUCT, {m.simulations} simulations, depth {m.max_depth}, value {m.value}"
+               f"{'' if c.compiled else ', Python reference'})")
+    elif c.search == "best_first" and "best_first" in c.model_fields_set:
+        how = f"best-first ({c.best_first.max_nodes} nodes, depth {c.best_first.max_depth})"
+    elif c.search == "best_first":
+        how = f"best-first ({c.best_first.max_nodes} nodes on a steep cost curve, 64 on a flat one)"
+    else:
+        how = "none (context matching only)"
+    return f"{text}; n-gram search: {how}"
 
 
 def make_drafter(method: str, target: LoadedModel, draft: LoadedModel | None = None, **options) -> Drafter:
@@ -50,8 +106,11 @@ def make_drafter(method: str, target: LoadedModel, draft: LoadedModel | None = N
     if method == "aded":
         from actors.aded import make_aded_drafter
 
+        options = dict(options)
+        store = options.pop("store", None)
+        config = aded_config(options)  # before the matrix: a bad option fails at once
         ensure_default_matrix(target)
-        return make_aded_drafter(target, store=options.get("store"), config=options.get("aded"))
+        return make_aded_drafter(target, store=store, config=config)
     raise MethodUnavailable(f"method {method!r} is not available yet")
 
 

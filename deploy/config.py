@@ -92,7 +92,9 @@ class ServeConfig(BaseModel):
         True, description="Route all draft steps of a request to one drafter replica (deploy.routing).")
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
     drafter_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
+        default_factory=dict, description="Per-method server options (actors.methods.check_options): aded takes "
+        "AdedConfig's fields, e.g. {aded: {search: mcts, mcts: {simulations: 64}}}; sd gamma; mtad/mmtad gamma, "
+        "beam_width, tau. Unknown keys are an error.")
     store_prompts: bool = Field(
         True, description="Fold each prompt's tri-grams into the adaptive store. The store is shared by every "
         "request of a replica (of the fleet with Redis), so what one tenant sends shapes the drafts of others and "
@@ -132,6 +134,15 @@ class ServeConfig(BaseModel):
         if self.device != "auto":
             return self.device.partition(":")[0]
         return "cuda" if self.verifier.num_gpus > 0 else "cpu"
+
+    @field_validator("drafter_options")
+    @classmethod
+    def _known_drafter_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from actors.methods import check_options
+
+        for method, options in v.items():
+            check_options(method, options)
+        return v
 
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from actors.methods import METHODS
+from actors.methods import METHODS, describe
 from deploy.config import ServeConfig
 from deploy.convert import chunk_to_proto, request_from_proto, response_to_proto
 from deploy.metrics import ingress_metrics
@@ -127,7 +127,8 @@ class Ingress:
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         d = await self.verifier.describe.remote()
-        methods = [pb.MethodInfo(name=m, lossless=METHODS[m].lossless, description=METHODS[m].description)
+        options = self.cfg.drafter_options
+        methods = [pb.MethodInfo(name=m, lossless=METHODS[m].lossless, description=describe(m, options.get(m)))
                    for m in d["methods"]]
         return pb.ListModelsResponse(model=d["model"], methods=methods, default_method=d["default_method"],
                                      max_context=d["max_context"], max_tokens_limit=d["max_tokens_limit"],

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from actors.drafter import DraftOptions
 from actors.models import DEFAULT_MODEL
+from specd.aded_args import add_aded_arguments, aded_options_from_args, reject_remote
 from specd.common import UsageError
 from specd.serve_cmd import generate_remote
 
 
 def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate text with the embedded engine")
-    for add in (_add_prompt_flags, _add_sampling_flags, _add_drafting_flags, _add_device_flags, _add_output_flags):
+    for add in (_add_prompt_flags, _add_sampling_flags, _add_drafting_flags, add_aded_arguments, _add_device_flags,
+                _add_output_flags):
         add(g)
     g.set_defaults(func=cmd_generate)
 
@@ -115,6 +117,7 @@ def cmd_generate(args) -> int:
     from actors.sampling import SamplingParams
 
     if args.server:
+        reject_remote(args)
         return generate_remote(args, read_prompts(args))
     args.method = args.method or "ar"
     if args.method not in METHODS:
@@ -168,7 +171,8 @@ def _generate(args, prompts: list[str], params, config) -> int:
     try:
         draft = load_model(args.draft_model, device=device, dtype=args.dtype) if args.draft_model else None
         try:
-            drafter = with_options(make_drafter(args.method, target, draft), **draft_options(args))
+            aded = aded_options_from_args(args, args.method)  # --aded-search etc.
+            drafter = with_options(make_drafter(args.method, target, draft, **aded), **draft_options(args))
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}") from None
         chat = target.is_chat if args.chat is None else args.chat

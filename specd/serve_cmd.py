@@ -32,6 +32,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--print-serve-config", action="store_true",
                    help="print the plain `serve run` / KubeRay serveConfigV2 YAML for this config and exit")
     s.add_argument("--demo", action="store_true", help="send one demo request once the server is up")
+    from specd.aded_args import add_aded_arguments
+
+    add_aded_arguments(s)
     s.set_defaults(func=cmd_serve)
 
 
@@ -40,7 +43,9 @@ def serve_config(args):
 
     fields = ("model", "draft_model", "default_method", "trigram_placement", "aux_placement", "redis_url", "http_host",
               "grpc_port", "http_port", "dtype", "max_batch")
-    return load_config(args.config, **{f: getattr(args, f) for f in fields})
+    from specd.aded_args import serve_drafter_options
+
+    return load_config(args.config, **{f: getattr(args, f) for f in fields}, **serve_drafter_options(args))
 
 
 def cmd_serve(args) -> int:

@@ -26,10 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.aded.budget import HISTORY, MCTS, NGRAM, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
 from actors.aded.history import History, HistoryConfig
+from actors.aded.jit_search import CompiledSearch, SearchCache
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
 from actors.aded.suffix import SuffixConfig, suffix_chains
-from actors.aded.tree import BestFirstConfig, CandidateTrie, best_first_paths
+from actors.aded.tree import FLAT_CURVE_BEST_FIRST, BestFirstConfig, CandidateTrie, best_first_paths
 from actors.aded.trigram import TrigramMatrix
 from actors.cost import CostModel
 from actors.draft import Draft
@@ -42,9 +43,14 @@ class AdedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     search: Literal["best_first", "mcts", "none"] = Field(
-        "best_first", description="How n-gram candidates are found: the most probable paths (default), "
-        "ADED's MCTS, or none.")
-    best_first: BestFirstConfig = Field(default_factory=BestFirstConfig, description="Best-first search settings.")
+        "best_first", description="How n-gram candidates are found: the most probable paths (best_first), "
+        "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching only). "
+        "`specd bench --suite search` compares them.")
+    compiled: bool = Field(True, description="Run the search compiled (numba, actors.aded.jit_search); False "
+                           "runs the Python reference it is tested against (same trees, slower).")
+    best_first: BestFirstConfig = Field(
+        default_factory=BestFirstConfig, description="Best-first search settings. Left unset, they follow the "
+        "cost curve: tree.FLAT_CURVE_BEST_FIRST (64 nodes) where 64 nodes cost under 1.5x one token (GPU-like).")
     mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
     suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")
     history: HistoryConfig = Field(default_factory=HistoryConfig, description="Cross-request output matching.")
@@ -65,6 +71,7 @@ class _Request:
     context: np.ndarray | None = None  # the last proposal's context: joins the history on finish
     predicted: float = 0.0  # decayed sums of this request's predicted and realised accepted nodes
     realised: float = 0.0
+    search_cache: SearchCache | None = None  # the compiled search's knowledge of the store, step to step
 
     def correction(self, strength: float) -> float:
         """How this request's acceptance compares with the shared calibration (1 = as predicted)."""
@@ -77,7 +84,11 @@ class AdedDrafter(BaseDrafter):
 
     def __init__(self, matrix: TrigramMatrix, store: NGramStore, config: AdedConfig | None = None,
                  cost_model: CostModel | None = None) -> None:
-        self.config = config or AdedConfig()
+        config = config or AdedConfig()
+        flat = (cost_model or CostModel.flat()).relative(1 + config.budget.max_nodes, 256) < 1.5
+        if flat and "best_first" not in config.model_fields_set:
+            config = config.model_copy(update={"best_first": FLAT_CURVE_BEST_FIRST})
+        self.config = config
         self.matrix = matrix
         self.store = store
         self.model = NGramModel(matrix, store, self.config.ngram)
@@ -87,12 +98,14 @@ class AdedDrafter(BaseDrafter):
         budget = self.config.budget
         self.costs = CostTable(cost_model or CostModel.flat(), budget.max_nodes, budget.ctx_step)
         self.history = History(self.config.history, matrix.vocab_size)
+        # Compiled (or loaded from numba's cache) here, so no request's first step pays for it.
+        self.search = CompiledSearch(self.model) if self.config.compiled and self.config.search != "none" else None
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         seed = self.config.seed if params.seed is None else params.seed
-        state = _Request(np.random.default_rng(seed), params.greedy, folded=0)
+        state = _Request(np.random.default_rng(seed), params.greedy, folded=0, search_cache=SearchCache())
         if self.config.adapt.fold_prompt:
             self._fold_context(state, np.asarray(prompt_ids, np.int64))
         with self._lock:
@@ -158,19 +171,27 @@ class AdedDrafter(BaseDrafter):
                 parent = -1
                 for depth, tok in enumerate(chain.tolist(), start=1):
                     parent = trie.add(parent, tok, source, calibrator.chain_bucket(source, match_len, depth))
-        a, b = state.pending_state
-        lookup = self.model.memo()
-        if self.config.search == "best_first":
-            paths, source = best_first_paths(lookup, a, b, self.config.best_first), NGRAM
-        elif self.config.search == "mcts":
-            paths, source = mcts_paths(lookup, a, b, self.config.mcts, state.rng), MCTS
-        else:
-            paths, source = [], NGRAM
+        paths, source = self._search(state)
         local: list[int] = []
         for parent, tok, conf in paths:
             local.append(trie.add(local[parent] if parent >= 0 else -1, tok, source,
                                   calibrator.conf_bucket(source, conf)))
         return trie
+
+    def _search(self, state: _Request) -> tuple[list[tuple[int, int, float]], int]:
+        """The n-gram search's candidate nodes ``(parent, token, confidence)`` and their source."""
+        a, b = state.pending_state
+        search, config = self.config.search, self.config
+        if search == "none":
+            return [], NGRAM
+        if self.search is not None:
+            if search == "best_first":
+                return self.search.best_first(a, b, config.best_first, state.search_cache), NGRAM
+            return self.search.mcts(a, b, config.mcts, state.rng, state.search_cache), MCTS
+        lookup = self.model.memo()
+        if search == "best_first":
+            return best_first_paths(lookup, a, b, config.best_first), NGRAM
+        return mcts_paths(lookup, a, b, config.mcts, state.rng), MCTS
 
 
 def _is_prefix(verified: Draft, ours: Draft | None) -> bool:

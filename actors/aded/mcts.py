@@ -7,16 +7,26 @@ draft node. Each simulation descends by the MuZero form of PUCT
 
 (Q the child's total value, n its visits, N the parent's, p its n-gram probability), expands the leaf
 with all its successors, rolls out ``rollout_len`` tokens sampled from the normalised n-gram
-probabilities and backs up ``value = 1 + sum of the sampled tokens' probabilities``. (The authors'
-code reads the wrong entry, so their value is ~1 and the search follows the prior.)
+probabilities and backs up a value (``MctsConfig.value``):
+
+- ``rollout`` (the authors' form): ``1 + sum of the sampled tokens' normalised probabilities``, how
+  predictable a random continuation is. (The authors' code reads the wrong entry, so their value is ~1
+  and the search follows the prior.)
+- ``path``: what verification rewards, the expected accepted length of the drafted chain
+  ``1 + sum_d prod_{j <= d} p_j`` over the tree path and the rollout, with ``p_j`` each token's n-gram
+  probability (the acceptance estimate the budget ranks by, before calibration).
 
 The candidates are the ``top_paths`` nodes by visits (with their ancestors), each extended by
 ``extend`` greedy tokens; their confidence is the visit share, which never grows from parent to child.
+
+This module is the reference (and test oracle) of ``actors.aded.jit_search``, which runs the same
+search compiled; both consume ``simulations * rollout_len`` uniforms per call from the generator.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +44,9 @@ class MctsConfig(BaseModel):
     rollout_len: int = Field(4, ge=0, le=64, description="Tokens sampled per rollout (ADED: 4).")
     top_paths: int = Field(24, ge=1, le=1024, description="Paths kept, ranked by visit count (ADED: 24).")
     extend: int = Field(1, ge=0, le=16, description="Greedy n-gram tokens appended to each kept path (ADED: 1).")
+    value: Literal["rollout", "path"] = Field(
+        "rollout", description="Backed-up value: 'rollout' = 1 + the sampled tokens' normalised probabilities "
+        "(ADED's form); 'path' = the expected accepted length of the drafted chain under the n-gram probabilities.")
 
 
 class _Tree:
@@ -45,6 +58,7 @@ class _Tree:
         self.parent = np.full(capacity, -1, np.int64)
         self.depth = np.zeros(capacity, np.int64)
         self.prior = np.zeros(capacity, np.float64)
+        self.path_prob = np.ones(capacity, np.float64)  # product of the priors from the root
         self.visits = np.zeros(capacity, np.float64)
         self.value = np.zeros(capacity, np.float64)
         self.child_lo = np.full(capacity, -1, np.int64)  # -1 = not expanded
@@ -59,6 +73,7 @@ class _Tree:
         self.prev[lo:hi] = self.tok[node]
         self.tok[lo:hi] = ids[:k]
         self.prior[lo:hi] = probs[:k]
+        self.path_prob[lo:hi] = self.path_prob[node] * self.prior[lo:hi]
         self.parent[lo:hi] = node
         self.depth[lo:hi] = self.depth[node] + 1
         self.size = hi
@@ -74,9 +89,10 @@ def _select_child(t: _Tree, node: int, c1: float, c2: float) -> int:
     return int(lo + np.argmax(score))
 
 
-def _rollout(lookup: Lookup, prev: int, tok: int, length: int, rng: np.random.Generator) -> float:
-    """1 + sum of the n-gram probabilities of ``length`` tokens sampled below state ``(prev, tok)``."""
-    value = 1.0
+def _rollout(lookup: Lookup, prev: int, tok: int, length: int, rng: np.random.Generator, value: float = 1.0,
+             path_prob: float | None = None) -> float:
+    """``value`` plus what ``length`` tokens sampled below state ``(prev, tok)`` add: their normalised n-gram
+    probabilities (``path_prob`` None), else the chain's path probabilities continuing from ``path_prob``."""
     for u in rng.random(length):
         ids, probs = lookup(prev, tok)
         if not ids:
@@ -88,7 +104,11 @@ def _rollout(lookup: Lookup, prev: int, tok: int, length: int, rng: np.random.Ge
             if u * total < acc:
                 pick = j
                 break
-        value += probs[pick] / total
+        if path_prob is None:
+            value += probs[pick] / total
+        else:
+            path_prob *= probs[pick]
+            value += path_prob
         prev, tok = tok, ids[pick]
     return value
 
@@ -106,7 +126,14 @@ def run_mcts(lookup: Lookup, a: int, b: int, config: MctsConfig, rng: np.random.
         if t.child_lo[node] < 0 and t.depth[node] < config.max_depth and t.size < capacity:
             ids, probs = lookup(int(t.prev[node]), int(t.tok[node]))
             t.expand(node, ids, probs)
-        value = _rollout(lookup, int(t.prev[node]), int(t.tok[node]), config.rollout_len, rng)
+        if config.value == "path":
+            value = 1.0
+            for n in path[1:]:  # the tree part of the chain (sequential sums: the compiled search adds alike)
+                value += float(t.path_prob[n])
+            value = _rollout(lookup, int(t.prev[node]), int(t.tok[node]), config.rollout_len, rng, value,
+                             float(t.path_prob[node]))
+        else:
+            value = _rollout(lookup, int(t.prev[node]), int(t.tok[node]), config.rollout_len, rng)
         t.visits[path] += 1.0
         t.value[path] += value
     return t
@@ -123,7 +150,7 @@ def mcts_paths(lookup: Lookup, a: int, b: int, config: MctsConfig,
         while node > 0 and node not in chosen:
             chosen.add(node)
             node = int(t.parent[node])
-    order = sorted(chosen, key=lambda i: (t.depth[i], -t.visits[i]))
+    order = sorted(chosen, key=lambda i: (t.depth[i], -t.visits[i], i))
     local = {0: -1}
     out: list[tuple[int, int, float]] = []
     root_visits = max(1.0, t.visits[0])

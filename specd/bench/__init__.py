@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from specd.aded_args import add_aded_arguments
 from specd.common import UsageError, int_list
 
 
@@ -25,6 +26,7 @@ SUITES: dict[str, Suite] = {
     "mtbench": Suite("specd.bench.aded", "ADED vs AR vs HF on MT-Bench"),
     "humaneval": Suite("specd.bench.aded", "ADED vs AR vs HF on HumanEval"),
     "mtad": Suite("specd.bench.mtad", "MTAD vs SD on the Qwen pair"),
+    "search": Suite("specd.bench.search", "ADED's best-first vs MCTS (both values), engine and simulator"),
     "batching": Suite("specd.bench.batching", "ar and aded at --concurrency levels, embedded and served"),
 }
 
@@ -48,6 +50,7 @@ def add_bench_parser(sub) -> None:
                    help="batching suite: levels also measured through specd serve (default 1,8,16; 'none')")
     b.add_argument("--no-memory", action="store_true", help="batching suite: skip the 16 x 1k-token memory run")
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    add_aded_arguments(b)
     b.set_defaults(func=cmd_bench)
 
 

@@ -30,6 +30,8 @@ ALL_METHODS = ("ar", "aded-cold", "aded-online", "hf", "hf-lookup")
 
 def run(args) -> int:
     from actors.aded import make_aded_drafter
+    from actors.methods import aded_config
+    from specd.aded_args import aded_options_from_args
 
     names = args.methods.split(",") if args.methods else list(ALL_METHODS)
     if unknown := set(names) - set(ALL_METHODS):
@@ -38,10 +40,11 @@ def run(args) -> int:
         names.insert(0, "ar")
     target = load_model(args.model or "smollm2-135m")
     engine = Engine(target)
-    online = make_aded_drafter(target) if "aded-online" in names else None
+    aded = aded_config(aded_options_from_args(args))  # --aded-search etc.
+    online = make_aded_drafter(target, config=aded) if "aded-online" in names else None
     factories = {
         "ar": lambda: EngineMethod("ar", engine, NoDrafter()),
-        "aded-cold": lambda: EngineMethod("aded-cold", engine, fresh_drafter=lambda: make_aded_drafter(target)),
+        "aded-cold": lambda: EngineMethod("aded-cold", engine, fresh_drafter=lambda: make_aded_drafter(target, config=aded)),
         "aded-online": lambda: EngineMethod("aded-online", engine, online),
         "hf": lambda: HFMethod("hf", target),
         "hf-lookup": lambda: HFMethod("hf-lookup", target, prompt_lookup_num_tokens=10),
@@ -56,7 +59,7 @@ def run(args) -> int:
                        no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
-                        "kernels": kernels_of(target.model), "machine": machine(),
+                        "kernels": kernels_of(target.model), "aded": aded.model_dump(mode="json"), "machine": machine(),
                         "command": " ".join(sys.argv)}
     write_outputs(args.out, "bench", result, markdown_table(result["summary"], "ar"), plot)
     print(markdown_table(result["summary"], "ar"))
