@@ -82,10 +82,14 @@ def test_models_list(capsys):
 def test_profile_writes_curve(capsys, tmp_path):
     out_file = tmp_path / "profile.json"
     code, _, _ = run_cli(capsys, "profile", "--model", "tiny-llama", "--out", str(out_file), "--repeats", "1",
-                         "--k", "1,4,8", "--context-lengths", "16,32")
+                         "--k", "1,4,8", "--context-lengths", "16,32", "--batch", "1,2")
     assert code == 0
     profile = json.loads(out_file.read_text())
-    assert profile["k"] == [1, 4, 8] and len(profile["seconds"]) == 2 and len(profile["seconds"][0]) == 3
+    # seconds[context][rows][k]
+    assert profile["k"] == [1, 4, 8] and profile["batch"] == [1, 2] and len(profile["seconds"]) == 2
+    assert [len(row) for row in profile["seconds"][0]] == [3, 3]
+    assert (profile["device"], profile["dtype"]) == ("cpu", "float32")
     from actors.cost import CostModel
 
-    assert CostModel.from_profile(profile).forward_seconds(4, 16) > 0
+    cost = CostModel.from_profile(profile)
+    assert 0 < cost.forward_seconds(4, 16) <= cost.forward_seconds(4, 16, rows=2)
