@@ -276,14 +276,13 @@ def test_smollm2_greedy_identical_to_ar(smollm2, search):
     from actors.drafter import NoDrafter
     from actors.engine import Engine
     from actors.methods import make_drafter
-    from specd.cli import encode_prompt
 
     engine = Engine(smollm2)
     drafter = make_drafter("aded", smollm2, search=search, mcts={"simulations": 150})
     params = SamplingParams(max_new_tokens=32)
     drafted = 0
     for prompt in ("Write a Python function that returns the sum of a list.", "Why is the sea salty?"):
-        ids = encode_prompt(smollm2.tokenizer, prompt, chat=True)
+        ids = smollm2.encode(prompt, chat=True)
         ar = engine.run(ids, params, NoDrafter())
         spec = engine.run(ids, params, drafter)
         assert spec.token_ids == ar.token_ids
