@@ -15,11 +15,13 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+import torch
 
 from actors.draft import Draft
 from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, with_options
@@ -38,7 +40,7 @@ def make_store(cfg: ServeConfig, target: LoadedModel | TargetTokenizer):
     """The adaptive n-gram store: Redis when a URL is configured, else in-process memory."""
     from shared_state import MemoryStore, StoreConfig
 
-    config = StoreConfig(namespace=target.identity)
+    config = StoreConfig(namespace=target.identity, vocab_size=target.vocab_size)
     url = os.environ.get(cfg.redis_url_env) if cfg.redis_url_env else cfg.redis_url
     if url:
         from shared_state import RedisStore
@@ -71,8 +73,9 @@ class _Session:
 class DrafterHost:
     """Runs drafters for many requests in one process (the body of a drafter-pool replica)."""
 
-    def __init__(self, drafters: dict[str, Drafter], max_sessions: int = 64) -> None:
+    def __init__(self, drafters: dict[str, Drafter], max_sessions: int = 64, vocab_size: int | None = None) -> None:
         self.drafters = drafters
+        self.vocab_size = vocab_size  # the target's: what a RemoteDrafter checks every draft against
         self.max_sessions = max_sessions  # bounds the states of requests whose finish never arrived
         self.sessions: OrderedDict[str, tuple[str, _Session]] = OrderedDict()  # id -> (method, state), oldest first
         self.rebuilds = 0
@@ -81,7 +84,7 @@ class DrafterHost:
     def info(self) -> dict[str, dict]:
         """method -> what the verifier's RemoteDrafter mirrors: top-k rows wanted, acceptance rule, options."""
         return {m: {"target_topk": d.target_topk, "acceptance": d.acceptance, "tau": d.tau,
-                    "options": tuple(d.options)}
+                    "options": tuple(d.options), "vocab_size": self.vocab_size}
                 for m, d in self.drafters.items()}
 
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
@@ -139,12 +142,18 @@ class RemoteDrafter:
     options: tuple[str, ...] = ()  # per-request options the remote drafter takes
     gamma: int | None = None  # this view's per-request options, sent with every step
     beam_width: int | None = None
+    vocab_size: int | None = None  # the target's; a draft naming an id outside it is dropped
+    # Drafter sessions are keyed "<this adapter's random prefix>/<request id>": the client picks request ids,
+    # and two verifier replicas given the same one must never share a drafter session.
+    session_prefix: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Shared by every per-request view (dataclasses.replace keeps the same dict): drafts refused, by reason.
+    refused: dict[str, int] = field(default_factory=dict)
     _requests: dict[str, _Remote] = field(default_factory=dict)
 
     @classmethod
     def from_info(cls, handle: Any, method: str, info: dict, affinity: bool = True) -> RemoteDrafter:
         return cls(handle, method, info["target_topk"], affinity, info["acceptance"], info["tau"],
-                   tuple(info["options"]))
+                   tuple(info["options"]), vocab_size=info.get("vocab_size"))
 
     def with_options(self, gamma: int | None = None, beam_width: int | None = None,
                      tau: float | None = None) -> RemoteDrafter:
@@ -160,24 +169,60 @@ class RemoteDrafter:
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
         st = self._requests[request_id]
         msg = pb.DraftStepRequest(
-            request_id=request_id, method=self.method, context=np.asarray(context).tolist(),
+            request_id=self._key(request_id), method=self.method, context=np.asarray(context).tolist(),
             prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
             max_new_tokens=st.params.max_new_tokens, gamma=self.gamma, beam_width=self.beam_width)
         if st.feedback is not None:
             msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
             st.feedback = None
         reply = self._handle(request_id).step.remote(msg.SerializeToString()).result()
-        return draft_from_proto(pb.DraftStepResponse.FromString(reply).draft)
+        return self._checked(reply, max_nodes)
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         self._requests[request_id].feedback = feedback
 
     def finish(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
-            self._handle(request_id).finish.remote(request_id)  # fire and forget: same route as the steps
+            self._handle(request_id).finish.remote(self._key(request_id))  # fire and forget: same route as the steps
+
+    def _key(self, request_id: str) -> str:
+        return f"{self.session_prefix}/{request_id}"
 
     def _handle(self, request_id: str):
-        return self.handle.options(multiplexed_model_id=request_id) if self.affinity else self.handle
+        return self.handle.options(multiplexed_model_id=self._key(request_id)) if self.affinity else self.handle
+
+    def _checked(self, reply: bytes, max_nodes: int) -> Draft:
+        """The draft a replica sent, or the empty draft (a plain step) when it is not one the target can verify.
+
+        A draft crosses a process boundary and may come from state shared with others (the Redis store):
+        an id outside the vocabulary would index past the target's logits (an IndexError here, a device
+        assert on CUDA) and fail the request. Refusals are counted in ``refused`` and logged.
+        """
+        try:
+            draft = draft_from_proto(pb.DraftStepResponse.FromString(reply).draft)
+            reason = draft_problem(draft, max_nodes, self.vocab_size)
+        except Exception as e:  # noqa: BLE001 - undecodable bytes or an inconsistent tree: refused the same way
+            draft, reason = None, f"undecodable ({type(e).__name__}: {e})"
+        if reason is None:
+            return draft
+        key = reason.split(":")[0].split(" ")[0]
+        self.refused[key] = self.refused.get(key, 0) + 1
+        log.warning("draft from %s refused, plain step instead: %s", self.method, reason)
+        return Draft.empty()
+
+
+def draft_problem(draft: Draft, max_nodes: int, vocab_size: int | None) -> str | None:
+    """Why the target cannot verify ``draft`` (None: it can)."""
+    if len(draft) > max_nodes:
+        return f"oversized: {len(draft)} nodes over the cap of {max_nodes}"
+    if vocab_size is not None and len(draft) and not (draft.tokens.min() >= 0 and draft.tokens.max() < vocab_size):
+        return f"out_of_vocabulary: token ids must lie in [0, {vocab_size})"
+    if draft.q is not None:
+        if vocab_size is not None and draft.q.shape[1] != vocab_size:
+            return f"bad_q: q rows have {draft.q.shape[1]} columns for a vocabulary of {vocab_size}"
+        if not bool(torch.isfinite(draft.q).all()) or bool((draft.q < 0).any()):
+            return "bad_q: q has negative or non-finite entries"
+    return None
 
 
 @dataclass

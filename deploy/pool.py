@@ -22,7 +22,8 @@ class DrafterPool:
         aux = role == "aux"
         draft = load_model(cfg.draft_model, device=cfg.device) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods
-        self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions)
+        self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions,
+                                vocab_size=target.vocab_size)
         self.metrics = pool_metrics(role)
         # A tri-gram draft is a millisecond of Python: run it inline on the event loop (a thread hop costs as
         # much). A draft model's forwards take tens of ms and release the GIL: a thread lets requests overlap.

@@ -29,6 +29,9 @@ class StoreConfig(BaseModel):
     namespace: str = Field(..., min_length=1, description="Tokenizer/model identity; stores never mix namespaces.")
     cap: float = Field(3.0, gt=0, description="Upper bound of one successor's adaptive weight (ADED: 3.0).")
     top_k: int = Field(12, ge=1, le=1024, description="Successors kept per context (ADED: 12).")
+    vocab_size: int | None = Field(
+        None, ge=1, description="Token ids a shared row may name are below this; a row read from a shared store "
+        "with others is dropped and counted (a poisoned row must never reach the verifier). None: unchecked.")
 
 
 class NGramStore(ABC):

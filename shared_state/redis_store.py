@@ -168,6 +168,7 @@ def unpack_rows(reply: bytes, n_keys: int, config: StoreConfig, options: RedisOp
     vals = np.frombuffer(reply, dtype="<f8").tolist()
     now, p, rejected, rows = vals[0], 1, 0, []
     half_life, cap, top_k = options.half_life_s, config.cap, config.top_k
+    vocab = config.vocab_size or float("inf")
     for _ in range(n_keys):
         n, stamp, bad = vals[p:p + 3]
         n, p = int(n), p + 3
@@ -176,8 +177,10 @@ def unpack_rows(reply: bytes, n_keys: int, config: StoreConfig, options: RedisOp
             continue
         rejected += int(bad)
         factor = 0.5 ** ((now - stamp) / half_life) if half_life and 0 <= stamp < now else 1.0
-        row = {int(c): min(w, cap) * factor for c, w in zip(vals[p:p + 2 * n:2], vals[p + 1:p + 2 * n:2])
-               if w * factor >= options.min_weight and w > 0}
+        pairs = list(zip(vals[p:p + 2 * n:2], vals[p + 1:p + 2 * n:2]))
+        valid = [(c, w) for c, w in pairs if 0 <= c < vocab and c == int(c)]  # ids this tokenizer has
+        rejected += len(pairs) - len(valid)
+        row = {int(c): min(w, cap) * factor for c, w in valid if w * factor >= options.min_weight and w > 0}
         p += 2 * n
         if len(row) > top_k:  # written by something else than this schema's flush
             row = dict(sorted(row.items(), key=lambda cw: -cw[1])[:top_k])

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 
 from actors.draft import Draft
 from actors.drafter import BaseDrafter, Feedback
 from actors.sampling import SamplingParams, warp
+from deploy.drafters import DrafterHost
+from specd_api.v1 import specd_pb2 as pb
 
 
 class TreeDrafter(BaseDrafter):
@@ -65,3 +70,62 @@ def exact_pair_distribution(model, prompt: list[int], params: SamplingParams) ->
             probs.append(float(p0[a]) * float(p1[b]))
     total = sum(probs)  # float32 rounding: scipy's chisquare wants the expected counts to sum to n exactly
     return cells, [p / total for p in probs]
+
+
+# --- an in-process stand-in for a drafter pool's Serve handle (the surface RemoteDrafter uses) ---
+
+
+@dataclass
+class _Call:
+    fn: Callable
+
+    def remote(self, *args):
+        return _Done(self.fn(*args))
+
+
+@dataclass
+class _Done:
+    value: object
+
+    def result(self):
+        return self.value
+
+
+class FreshReplicaEachStep:
+    """The handle surface RemoteDrafter uses; every step goes to a new DrafterHost (a replica without state)."""
+
+    def __init__(self, drafters: dict) -> None:
+        self.drafters = drafters
+        self.rebuilds = 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def step(self) -> _Call:
+        return _Call(self._step)
+
+    @property
+    def finish(self) -> _Call:
+        return _Call(lambda request_id: None)
+
+    def _step(self, payload: bytes) -> bytes:
+        host = DrafterHost(self.drafters)
+        reply = host.step(pb.DraftStepRequest.FromString(payload))
+        self.rebuilds += host.rebuilds
+        return reply.SerializeToString()
+
+
+class OneReplica(FreshReplicaEachStep):
+    """The same surface over one DrafterHost that keeps every session (no rebuilds)."""
+
+    def __init__(self, drafters: dict, vocab_size: int | None = None) -> None:
+        super().__init__(drafters)
+        self.host = DrafterHost(drafters, vocab_size=vocab_size)
+
+    @property
+    def finish(self) -> _Call:
+        return _Call(self.host.finish)
+
+    def _step(self, payload: bytes) -> bytes:
+        return self.host.step(pb.DraftStepRequest.FromString(payload)).SerializeToString()

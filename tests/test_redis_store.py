@@ -300,3 +300,15 @@ def test_rediss_with_a_tls_server(tmp_path):
         for close in closers:
             close()
 
+
+
+def test_successor_ids_outside_the_vocabulary_are_dropped_and_counted(server):
+    """One poisoned row (ids >= vocab) must never reach a drafter: it would index past the target's logits."""
+    with server.client() as c:
+        c.hset(row_key("tok", 1, 1), mapping={"5": "0.5", "259": "2.0", "4000000000": "1.0"})
+    a = RedisStore(StoreConfig(namespace="tok", vocab_size=259), server.url, **FAST)
+    a.successors(1, 1)
+    assert a.refresh()
+    assert a.successors(1, 1) == {5: 0.5}
+    assert a.stats()["rejected_fields"] >= 2
+    a.close()

@@ -8,9 +8,6 @@ from the prompt, then ``propose`` on the whole context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import pytest
 import torch
@@ -20,61 +17,8 @@ from actors.engine import Engine
 from actors.models import load_model
 from actors.sampling import SamplingParams
 from actors.sd import ModelDrafter, draft_uniform, sample_at
-from deploy.drafters import DrafterHost, RemoteDrafter
-from specd.v1 import specd_pb2 as pb
-from specd_testing import exact_pair_distribution
-
-
-@dataclass
-class _Call:
-    fn: Callable
-
-    def remote(self, *args):
-        return _Done(self.fn(*args))
-
-
-@dataclass
-class _Done:
-    value: object
-
-    def result(self):
-        return self.value
-
-
-class FreshReplicaEachStep:
-    """The handle surface RemoteDrafter uses; every step goes to a new DrafterHost (a replica without state)."""
-
-    def __init__(self, drafters: dict) -> None:
-        self.drafters = drafters
-        self.rebuilds = 0
-
-    def options(self, **_):
-        return self
-
-    @property
-    def step(self) -> _Call:
-        return _Call(self._step)
-
-    @property
-    def finish(self) -> _Call:
-        return _Call(lambda request_id: None)
-
-    def _step(self, payload: bytes) -> bytes:
-        host = DrafterHost(self.drafters)
-        reply = host.step(pb.DraftStepRequest.FromString(payload))
-        self.rebuilds += host.rebuilds
-        return reply.SerializeToString()
-
-
-class OneReplica(FreshReplicaEachStep):
-    """The same surface over one DrafterHost that keeps every session (no rebuilds)."""
-
-    def __init__(self, drafters: dict) -> None:
-        super().__init__(drafters)
-        self.host = DrafterHost(drafters)
-
-    def _step(self, payload: bytes) -> bytes:
-        return self.host.step(pb.DraftStepRequest.FromString(payload)).SerializeToString()
+from deploy.drafters import RemoteDrafter
+from specd_testing import FreshReplicaEachStep, OneReplica, exact_pair_distribution
 
 
 PROMPT = [5, 17, 99]
