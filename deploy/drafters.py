@@ -139,7 +139,7 @@ class DraftLink:
     rebuilds it from the context the step carries.
     """
 
-    timeout_s: float = 10.0  # one step's round trip; past it the step is plain
+    timeout_s: float = 3.0  # one step's round trip; past it the step is plain
     retry_s: float = 2.0  # after a failure, steps skip the pool this long
     failures: int = 0  # steps whose call failed or timed out
     skipped: int = 0  # steps not sent while the pool was considered down
