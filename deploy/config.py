@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.engine import EngineConfig
 from actors.models import DEFAULT_MODEL
+from deploy.request import RequestLimits
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 GRPC_SERVICERS = (
@@ -98,10 +99,16 @@ class ServeConfig(BaseModel):
         "(plain steps at once) before trying it again.")
     drafter_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-method keyword options for actors.methods.make_drafter.")
+    store_prompts: bool = Field(
+        True, description="Fold each prompt's tri-grams into the adaptive store. The store is shared by every "
+        "request of a replica (of the fleet with Redis), so what one tenant sends shapes the drafts of others and "
+        "a request's accepted counts hint whether its text matched theirs; False keeps prompts out (outputs "
+        "and the target's top-k still go in). See README 'What a shared store reveals'.")
     redis_url: str | None = Field(None, description="Shared n-gram store; None = in-memory store per process.")
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the Redis URL (a Kubernetes Secret); wins over redis_url.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on every size a request sets.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per model replica; None = the CPUs this process may use "

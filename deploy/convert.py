@@ -11,7 +11,7 @@ from actors.draft import Draft
 from actors.drafter import DraftOptions, Feedback
 from actors.engine import GenerationStats, StepOutput
 from actors.sampling import SamplingParams
-from deploy.request import ChatMessage, GenerationRequest, validated
+from deploy.request import GenerationRequest, validated
 from specd_api.v1 import specd_pb2 as pb
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -29,7 +29,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     kind = msg.WhichOneof("input")
     inputs = {
         "prompt": {"prompt": msg.prompt},
-        "chat": {"messages": tuple(ChatMessage(role=m.role, content=m.content) for m in msg.chat.messages)},
+        "chat": {"messages": tuple({"role": m.role, "content": m.content} for m in msg.chat.messages)},  # validated below
         "prompt_ids": {"prompt_ids": tuple(msg.prompt_ids.ids)},
         None: {"prompt": ""},
     }[kind]

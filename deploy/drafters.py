@@ -59,11 +59,20 @@ def build_drafters(cfg: ServeConfig, methods: Sequence[str], target: LoadedModel
         options = dict(cfg.drafter_options.get(method, {}))
         if method in cfg.trigram_methods:
             options.setdefault("store", store)
+        if method == "aded" and not cfg.store_prompts:
+            options["aded"] = _without_prompt_folding(options.get("aded"))
         try:
             out[method] = make_drafter(method, target, draft, **options)
         except (MethodUnavailable, FileNotFoundError) as e:  # e.g. not registered yet, or no tri-gram matrix
             log.warning("method %s not served: %s", method, e)
     return out
+
+
+def _without_prompt_folding(aded: Any) -> dict:
+    """ADED's config (a dict or AdedConfig) with the prompt kept out of the store."""
+    conf = aded.model_dump() if hasattr(aded, "model_dump") else dict(aded or {})
+    conf["adapt"] = {**dict(conf.get("adapt") or {}), "fold_prompt": False}
+    return conf
 
 
 @dataclass

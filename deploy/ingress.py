@@ -20,7 +20,7 @@ from deploy.config import ServeConfig
 from deploy.convert import chunk_to_proto, request_from_proto, response_to_proto
 from deploy.metrics import ingress_metrics
 from deploy.openai import DONE, ChatRequest, CompletionRequest, Renderer, error_body
-from deploy.request import GenerationRequest, RequestError, error_message
+from deploy.request import GenerationRequest, RequestError, check_limits, check_max_tokens, error_message
 from deploy.verifier import ServedChunk
 from specd_api.v1 import specd_pb2 as pb
 
@@ -36,6 +36,50 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse(error_body(msgs), status_code=400)
 
 
+BODY_LIMIT = [4 << 20]  # bytes; set from ServeConfig.limits by the Ingress (the app below is built at import)
+
+
+class _BoundedBody:
+    """ASGI middleware: an HTTP body over BODY_LIMIT gets a 400 before any of it is parsed or buffered whole."""
+
+    def __init__(self, asgi) -> None:
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        limit = BODY_LIMIT[0]
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _too_large(send, limit)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # a chunked body without a length
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.asgi(scope, bounded, send)
+        except _BodyTooLarge:
+            await _too_large(send, limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = JSONResponse(error_body(f"request body over {limit} bytes"), status_code=400)
+    await body({"type": "http"}, None, send)
+
+
+app.add_middleware(_BoundedBody)
+
+
 async def _prepend(first: ServedChunk, rest: AsyncIterator[ServedChunk]) -> AsyncIterator[ServedChunk]:
     yield first
     async for chunk in rest:
@@ -47,6 +91,7 @@ async def _prepend(first: ServedChunk, rest: AsyncIterator[ServedChunk]) -> Asyn
 class Ingress:
     def __init__(self, config: dict, verifier) -> None:
         self.cfg = ServeConfig.model_validate(config)
+        BODY_LIMIT[0] = self.cfg.limits.max_message_bytes
         self.verifier = verifier
         self.metrics = ingress_metrics()
         self._healthy_at = 0.0
@@ -57,9 +102,15 @@ class Ingress:
 
     # ---- gRPC: specd.v1.Specd ----
 
+    def _request(self, request: pb.GenerateRequest) -> GenerationRequest:
+        check_max_tokens(request.max_tokens, self.cfg.max_tokens_limit)  # before SamplingParams' own wider bound
+        req = request_from_proto(request)
+        check_limits(req, self.cfg.limits, self.cfg.max_tokens_limit)
+        return req
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            req = request_from_proto(request)
+            req = self._request(request)
             chunks = [chunk_to_proto(c.output, c.method) async for c in self._stream(req)]
         except RequestError as e:
             return self._invalid_grpc(grpc_context, e, pb.GenerateResponse())
@@ -67,7 +118,7 @@ class Ingress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            req = request_from_proto(request)
+            req = self._request(request)
             async for c in self._stream(req):
                 yield chunk_to_proto(c.output, c.method)
         except RequestError as e:
@@ -141,7 +192,9 @@ class Ingress:
 
     async def _openai(self, body: CompletionRequest | ChatRequest, chat: bool):
         try:
+            check_max_tokens(body.max_completion_tokens or body.max_tokens, self.cfg.max_tokens_limit)
             req = body.to_generation()
+            check_limits(req, self.cfg.limits, self.cfg.max_tokens_limit)
             stream = self._stream(req)
             first = await anext(stream)  # bad requests fail here, before any byte is sent
         except RequestError as e:

@@ -34,6 +34,8 @@ def start(cfg: ServeConfig, *, num_cpus: float = 2, extra_resources: dict[str, f
     """
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    # The gRPC proxy's receive bound (Ray's default is 2 GiB): read by the proxy process at its start.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.limits.max_message_bytes))
     resources = cfg.pool_sizes()
     for name, amount in (extra_resources or {}).items():
         resources[name] = resources.get(name, 0) + amount
@@ -81,7 +83,8 @@ def wait_running(names: Iterable[str], timeout_s: float | None = None, poll_s: f
         for name in names:
             app = apps.get(name)
             if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-                raise DeployError(f"application {name!r} failed to deploy: {app.message}")
+                why = "; ".join(f"{d}: {dep.message}" for d, dep in app.deployments.items() if dep.message)
+                raise DeployError(f"application {name!r} failed to deploy: {app.message} {why}".strip())
         pending = {n: (apps[n].status if n in apps else "absent") for n in names
                    if n not in apps or apps[n].status != ApplicationStatus.RUNNING}
         if not pending:

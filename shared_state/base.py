@@ -14,6 +14,8 @@ Contract for implementations:
 
 from __future__ import annotations
 
+import heapq
+
 from abc import ABC, abstractmethod
 from typing import Iterable
 
@@ -29,6 +31,9 @@ class StoreConfig(BaseModel):
     namespace: str = Field(..., min_length=1, description="Tokenizer/model identity; stores never mix namespaces.")
     cap: float = Field(3.0, gt=0, description="Upper bound of one successor's adaptive weight (ADED: 3.0).")
     top_k: int = Field(12, ge=1, le=1024, description="Successors kept per context (ADED: 12).")
+    max_rows: int | None = Field(
+        100_000, ge=1, description="Contexts kept in this process (about 0.4 KB each at top_k 12; "
+        "benchmarks/store_memory.py): past it the rows with the least total weight go first. None: unbounded.")
     vocab_size: int | None = Field(
         None, ge=1, description="Token ids a shared row may name are below this; a row read from a shared store "
         "with others is dropped and counted (a poisoned row must never reach the verifier). None: unchecked.")
@@ -52,3 +57,17 @@ class NGramStore(ABC):
 
     def close(self) -> None:
         """Flush what is buffered and release resources."""
+
+
+def evict_weakest(table: dict, max_rows: int | None) -> int:
+    """Bound ``table`` (context -> {successor: weight}) to ``max_rows``, dropping the rows of least total weight.
+
+    Runs only once the table is 10% over, then cuts it back to ``max_rows``: O(rows) per 10% of new rows, so
+    O(10) per added row amortised. Returns the rows dropped.
+    """
+    if max_rows is None or len(table) <= max_rows + max_rows // 10:
+        return 0
+    extra = len(table) - max_rows
+    for key in heapq.nsmallest(extra, table, key=lambda k: sum(table[k].values())):
+        del table[key]
+    return extra

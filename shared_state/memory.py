@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Iterable
 
-from shared_state.base import Increment, NGramStore, StoreConfig
+from shared_state.base import Increment, NGramStore, StoreConfig, evict_weakest
 
 
 def fold(table: dict[int, float], c: int, delta: float, cap: float, top_k: int) -> None:
@@ -24,6 +24,7 @@ class MemoryStore(NGramStore):
         super().__init__(config)
         self._table: dict[tuple[int, int], dict[int, float]] = {}
         self._lock = threading.Lock()
+        self.evicted = 0  # rows dropped by the max_rows bound
 
     def add(self, increments: Iterable[Increment]) -> None:
         cap, top_k = self.config.cap, self.config.top_k
@@ -36,6 +37,7 @@ class MemoryStore(NGramStore):
                     self._table[(a, b)] = row
                 else:
                     self._table.pop((a, b), None)
+            self.evicted += evict_weakest(self._table, self.config.max_rows)
 
     def successors(self, a: int, b: int) -> dict[int, float]:
         return self._table.get((a, b), _EMPTY)

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared_state.base import Increment, NGramStore, StoreConfig
+from shared_state.base import Increment, NGramStore, StoreConfig, evict_weakest
 from shared_state.memory import fold
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class RedisStore(NGramStore):
         self._tracked: OrderedDict[int, None] = OrderedDict()  # background thread only; most recent last
         self._counts = dict.fromkeys(
             ("flushed_increments", "failed_flushes", "pulls", "pulled_rows", "outages", "rejected_fields",
-             "rejected_keys", "dropped_increments"), 0)
+             "rejected_keys", "dropped_increments", "evicted_rows"), 0)
         self._healthy = False
         self._outage_since: float | None = None
         self._started = self._done = 0
@@ -245,6 +245,8 @@ class RedisStore(NGramStore):
                     self._n_pending += 1
                 buf[c] = buf.get(c, 0.0) + delta
             self._drop_overflow()
+            # The local view only: the server's rows are bounded server-side (see ARCHITECTURE.md).
+            self._counts["evicted_rows"] += evict_weakest(table, self.config.max_rows)
 
     def successors(self, a: int, b: int) -> dict[int, float]:
         self._reads[int(a) << 32 | int(b)] = None  # int(): a numpy int32 would overflow the shift

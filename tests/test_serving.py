@@ -149,6 +149,11 @@ BAD = {
     "beam_width for sd": dict(method="sd", beam_width=2),
     "gamma 0": dict(method="mtad", gamma=0),
     "tau 0": dict(method="mtad", tau=0.0),
+    "max_tokens over SamplingParams' own bound": dict(max_tokens=1 << 21),
+    "negative seed": dict(temperature=1.0, seed=-1),
+    "request_id over the limit": dict(request_id="x" * 129),
+    "too many stop strings": dict(stop=["a"] * 17),
+    "unknown chat role": dict(prompt=None, messages=[{"role": "wizard", "content": "hi"}]),
 }
 
 
@@ -160,6 +165,8 @@ def test_bad_requests_are_invalid_argument(client, case):
             call(**kwargs)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
         assert err.value.details() and "Traceback" not in err.value.details()
+        if "max_tokens" in case:  # one limit, one message (what ListModels reports)
+            assert "over this server's limit of 256" in err.value.details()
     assert len(client.generate("still up", max_tokens=4).token_ids) > 0
 
 
