@@ -15,7 +15,8 @@ class SamplingParams(BaseModel):
 
     max_new_tokens: int = Field(128, ge=1, le=1 << 20, description="Stop after this many generated tokens.")
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy (argmax).")
-    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 disables.")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="Keep only the k most likely tokens; 0 disables. At "
+                       "most int32's maximum: remote drafters are sent it in SamplingOptions.top_k.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: keep the smallest set with this mass.")
     seed: int | None = Field(None, description="Seed for sampling and for randomised drafters.")
     stop: tuple[str, ...] = Field((), description="Stop strings; the output is cut before the first match.")

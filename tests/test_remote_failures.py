@@ -92,3 +92,15 @@ def test_while_a_pool_is_down_steps_do_not_wait_on_it(target, want):
     assert link.failures == 1 and link.skipped == out.stats.target_forwards - 2  # the last step drafts nothing
     assert handle.steps == 1  # no further call was sent while the pool counted as down
     assert link.stats()["down"]
+
+
+def test_every_accepted_sampling_params_can_be_sent_to_a_remote_drafter():
+    """A top_k over int32 (HTTP takes any JSON integer) passed validation, then failed the request when the
+    drafter step was built (an HTTP 500, found by the fuzz run): it is refused where it arrives."""
+    from pydantic import ValidationError
+
+    from deploy.convert import params_to_sampling
+
+    params_to_sampling(SamplingParams(top_k=2**31 - 1, temperature=1.0, seed=2**63 - 1))
+    with pytest.raises(ValidationError, match="top_k"):
+        SamplingParams(top_k=10**30)
