@@ -104,3 +104,16 @@ def test_every_accepted_sampling_params_can_be_sent_to_a_remote_drafter():
     params_to_sampling(SamplingParams(top_k=2**31 - 1, temperature=1.0, seed=2**63 - 1))
     with pytest.raises(ValidationError, match="top_k"):
         SamplingParams(top_k=10**30)
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    """temperature 1e-300 (valid: > 0) overflowed the logits to +-inf, softmax gave NaN and the request died
+    (gRPC INTERNAL with a traceback, found by the fuzz run)."""
+    import torch
+
+    from actors.sampling import warp
+
+    logits = torch.tensor([[3.0, -2.0, 7.5, 0.0]])
+    probs = warp(logits, SamplingParams(temperature=1e-300, top_p=1e-300))
+    assert torch.equal(probs, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+    assert torch.allclose(warp(logits, SamplingParams(temperature=0.7)), torch.softmax(logits / 0.7, -1))
