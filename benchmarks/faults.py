@@ -297,13 +297,24 @@ GRPC_OK = {grpc.StatusCode.OK.name, grpc.StatusCode.INVALID_ARGUMENT.name}
 
 
 def app_rss(app: App) -> dict[str, int]:
-    """RSS (bytes) of this app's replica processes and the Serve proxies, by process title."""
+    """RSS (bytes) of this cluster's replica processes of the app and its Serve proxies, by deployment.
+
+    Pids come from this cluster's actor table (other Ray clusters on the machine are not counted)."""
+    from ray._private.state import actors
+
     out: dict[str, int] = {}
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        title = " ".join(proc.info["cmdline"] or ())
-        if f"ServeReplica:{app.name}:" in title or "ProxyActor" in title:
-            key = title.split("ServeReplica:")[-1].split()[0] if "ServeReplica" in title else "ProxyActor"
-            out[key] = out.get(key, 0) + proc.info["memory_info"].rss
+    for info in actors(actor_state_name="ALIVE").values():
+        name = info["Name"] or ""
+        if f"::{app.name}#" in name:
+            key = name.split("#")[1]  # SERVE_REPLICA::<app>#<deployment>#<id>
+        elif name.startswith("SERVE_PROXY_ACTOR"):
+            key = "proxy"
+        else:
+            continue
+        try:
+            out[key] = out.get(key, 0) + psutil.Process(info["Pid"]).memory_info().rss
+        except psutil.Error:
+            continue  # gone between the table read and now
     return out
 
 
@@ -334,17 +345,20 @@ def fuzz_one(app: App, channel: grpc.Channel, case: tuple[str, object], i: int) 
 
 
 def fuzz(app: App, n: int, seed: int, concurrency: int) -> dict:
-    cases = fuzz_cases.cases(n, seed, max_tokens=4)
-    rss_before = app_rss(app)
-    t = time.perf_counter()
+    """``n`` cases in two halves: RSS before, between and after, so growth that goes on (a leak) can be told from
+    a first use's high-water mark (allocator arenas, proxy buffers sized by the largest message)."""
+    cases = list(enumerate(fuzz_cases.cases(n, seed, max_tokens=4)))
+    rss = [app_rss(app)]
+    t, rows = time.perf_counter(), []
     with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel, ThreadPoolExecutor(concurrency) as pool:
-        rows = list(pool.map(lambda ic: fuzz_one(app, channel, ic[1], ic[0]), enumerate(cases)))
+        for half in (cases[: n // 2], cases[n // 2 :]):
+            rows += pool.map(lambda ic: fuzz_one(app, channel, ic[1], ic[0]), half)
+            rss.append(app_rss(app))
     seconds = time.perf_counter() - t
     with app.client(timeout=60) as c:
         health = c.health()
         after = c.generate(PROMPTS[0], max_tokens=app.max_tokens, ignore_eos=True, method="aded", temperature=0)
-    http_health = app.http.get(f"http://127.0.0.1:{app.http_port}/health", timeout=60).status_code
-    rss_after = app_rss(app)
+    http_health = app.http.get(f"{app.base}/health", timeout=60).status_code
     codes: dict[str, int] = {}
     bad: dict[str, int] = {}  # the distinct bad answers (kind, code, start of the message), with counts
     examples: dict[str, dict] = {}  # one case of each, to reproduce it
@@ -358,8 +372,9 @@ def fuzz(app: App, n: int, seed: int, concurrency: int) -> dict:
             "codes": codes, "bad_answers_by_kind": bad, "bad_examples": examples,
             "health_after": health, "http_health_after": http_health,
             "greedy_request_after_equals_ar": list(after.token_ids) == app.reference[PROMPTS[0]][0],
-            "rss_before": rss_before, "rss_after": rss_after,
-            "rss_growth_bytes": {k: rss_after.get(k, 0) - v for k, v in rss_before.items()}}
+            "rss_before": rss[0], "rss_after": rss[2],
+            "rss_growth_first_half_bytes": {k: rss[1].get(k, 0) - v for k, v in rss[0].items()},
+            "rss_growth_second_half_bytes": {k: rss[2].get(k, 0) - v for k, v in rss[1].items()}}
 
 
 # ---- the served app -------------------------------------------------------------------------------

@@ -72,10 +72,12 @@ def test_cancelled_streams_leave_nothing_behind(app):
 
 def test_fuzz_answers_ok_or_invalid_argument_and_the_server_stays_up(app):
     r = faults.fuzz(app, 200, seed=14, concurrency=CONCURRENCY)
-    assert r["bad_answers"] == 0, "\n".join(f"{n} x {k}\n    e.g. {r['bad_examples'][k]}"
-                                           for k, n in r["bad_answers_by_kind"].items())
     assert sum(n for k, n in r["codes"].items() if k.startswith("grpc")) > 60
     assert r["health_after"] == "SERVING" and r["http_health_after"] == 200
     assert r["greedy_request_after_equals_ar"]
-    # Memory stays bounded: no replica or proxy grew by more than what 200 small requests could hold.
-    assert all(growth < 256 << 20 for growth in r["rss_growth_bytes"].values()), r["rss_growth_bytes"]
+    # Memory stays bounded: the second hundred cases (the first ones' high-water mark reached) grow no
+    # replica or proxy by more than a few buffers.
+    growth = r["rss_growth_second_half_bytes"]
+    assert growth and all(g < 64 << 20 for g in growth.values()), (r["rss_growth_first_half_bytes"], growth)
+    assert r["bad_answers"] == 0, "\n".join(f"{n} x {k}\n    e.g. {r['bad_examples'][k]}"
+                                           for k, n in r["bad_answers_by_kind"].items())
