@@ -37,13 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-import grpc  # noqa: E402
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
 import fuzz_cases  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
-from specd_api.v1 import specd_pb2 as pb  # noqa: E402
 
 PROMPTS = ("hello world", "the quick brown fox", "0123456789", "speculative decoding is", "def add(a, b):")
 METHODS = ("ar", "aded", "sd", "mtad")
@@ -291,92 +289,6 @@ def cancels(app: App, n: int) -> dict:
             "drafter_sessions": {d: s["sessions"] for d, s in pools.items()}}
 
 
-# ---- fuzz -----------------------------------------------------------------------------------------
-
-GRPC_OK = {grpc.StatusCode.OK.name, grpc.StatusCode.INVALID_ARGUMENT.name}
-
-
-def app_rss(app: App) -> dict[str, int]:
-    """RSS (bytes) of this cluster's replica processes of the app and its Serve proxies, by deployment.
-
-    Pids come from this cluster's actor table (other Ray clusters on the machine are not counted)."""
-    from ray._private.state import actors
-
-    out: dict[str, int] = {}
-    for info in actors(actor_state_name="ALIVE").values():
-        name = info["Name"] or ""
-        if f"::{app.name}#" in name:
-            key = name.split("#")[1]  # SERVE_REPLICA::<app>#<deployment>#<id>
-        elif name.startswith("SERVE_PROXY_ACTOR"):
-            key = "proxy"
-        else:
-            continue
-        try:
-            out[key] = out.get(key, 0) + psutil.Process(info["Pid"]).memory_info().rss
-        except psutil.Error:
-            continue  # gone between the table read and now
-    return out
-
-
-def fuzz_one(app: App, channel: grpc.Channel, case: tuple[str, object], i: int) -> dict:
-    kind, payload = case
-    if kind == "grpc":
-        path = "/specd.v1.Specd/" + ("Generate" if i % 2 else "GenerateStream")
-        meta = (("application", app.name),)
-        try:
-            if i % 2:
-                channel.unary_unary(path)(payload, metadata=meta, timeout=300)
-            else:
-                list(channel.unary_stream(path)(payload, metadata=meta, timeout=300))
-            code, detail = grpc.StatusCode.OK.name, ""
-        except grpc.RpcError as e:
-            code, detail = e.code().name, e.details() or ""
-        ok = code in GRPC_OK and "Traceback" not in detail and (code == "OK" or bool(detail))
-    else:
-        path, body, ctype = payload
-        try:
-            resp = app.http.post(app.base + path, data=body, headers={"content-type": ctype}, timeout=300)
-            code, detail = str(resp.status_code), resp.text[:300]
-        except requests.RequestException as e:
-            code, detail = type(e).__name__, str(e)[:300]
-        ok = code in ("200", "400") and "Traceback" not in detail
-    return {"i": i, "kind": kind, "code": code, "ok": ok, "detail": detail[:600],
-            "case": repr(payload)[:300]}
-
-
-def fuzz(app: App, n: int, seed: int, concurrency: int) -> dict:
-    """``n`` cases in two halves: RSS before, between and after, so growth that goes on (a leak) can be told from
-    a first use's high-water mark (allocator arenas, proxy buffers sized by the largest message)."""
-    cases = list(enumerate(fuzz_cases.cases(n, seed, max_tokens=4)))
-    rss = [app_rss(app)]
-    t, rows = time.perf_counter(), []
-    with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel, ThreadPoolExecutor(concurrency) as pool:
-        for half in (cases[: n // 2], cases[n // 2 :]):
-            rows += pool.map(lambda ic: fuzz_one(app, channel, ic[1], ic[0]), half)
-            rss.append(app_rss(app))
-    seconds = time.perf_counter() - t
-    with app.client(timeout=60) as c:
-        health = c.health()
-        after = c.generate(PROMPTS[0], max_tokens=app.max_tokens, ignore_eos=True, method="aded", temperature=0)
-    http_health = app.http.get(f"{app.base}/health", timeout=60).status_code
-    codes: dict[str, int] = {}
-    bad: dict[str, int] = {}  # the distinct bad answers (kind, code, start of the message), with counts
-    examples: dict[str, dict] = {}  # one case of each, to reproduce it
-    for r in rows:
-        codes[f"{r['kind']}:{r['code']}"] = codes.get(f"{r['kind']}:{r['code']}", 0) + 1
-        if not r["ok"]:
-            key = f"{r['kind']}:{r['code']}: {r['detail'][:90]}"
-            bad[key] = bad.get(key, 0) + 1
-            examples.setdefault(key, {k: r[k] for k in ("i", "detail", "case")})
-    return {"cases": n, "seed": seed, "seconds": round(seconds, 1), "bad_answers": sum(not r["ok"] for r in rows),
-            "codes": codes, "bad_answers_by_kind": bad, "bad_examples": examples,
-            "health_after": health, "http_health_after": http_health,
-            "greedy_request_after_equals_ar": list(after.token_ids) == app.reference[PROMPTS[0]][0],
-            "rss_before": rss[0], "rss_after": rss[2],
-            "rss_growth_first_half_bytes": {k: rss[1].get(k, 0) - v for k, v in rss[0].items()},
-            "rss_growth_second_half_bytes": {k: rss[2].get(k, 0) - v for k, v in rss[1].items()}}
-
-
 # ---- the served app -------------------------------------------------------------------------------
 
 
@@ -424,7 +336,7 @@ def run_all(app: App, args) -> dict:
     out["redis_restart"] = redis_restart(app, args.concurrency, warm=args.concurrency)
     print("redis restart done", file=sys.stderr, flush=True)
     out["cancels"] = cancels(app, args.cancels)
-    out["fuzz"] = fuzz(app, args.fuzz, args.seed, args.concurrency)
+    out["fuzz"] = fuzz_cases.fuzz(app, args.fuzz, args.seed, args.concurrency)
     return out
 
 

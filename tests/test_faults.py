@@ -16,6 +16,7 @@ pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import faults  # noqa: E402
+import fuzz_cases  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 CONCURRENCY = 8
@@ -71,7 +72,7 @@ def test_cancelled_streams_leave_nothing_behind(app):
 
 
 def test_fuzz_answers_ok_or_invalid_argument_and_the_server_stays_up(app):
-    r = faults.fuzz(app, 200, seed=14, concurrency=CONCURRENCY)
+    r = fuzz_cases.fuzz(app, 200, seed=14, concurrency=CONCURRENCY)
     assert sum(n for k, n in r["codes"].items() if k.startswith("grpc")) > 60
     assert r["health_after"] == "SERVING" and r["http_health_after"] == 200
     assert r["greedy_request_after_equals_ar"]
