@@ -91,6 +91,12 @@ class ServeConfig(BaseModel):
     drafter_affinity: bool = Field(
         True, description="Route all draft steps of a request to one drafter replica (deploy.routing).")
     drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
+    drafter_timeout_s: float = Field(
+        3.0, gt=0, description="Bound on one remote draft step: past it (or on any failure of the call) the "
+        "step is a plain one and the request goes on.")
+    drafter_retry_s: float = Field(
+        2.0, ge=0, description="After a failed remote draft step, how long steps skip that drafter pool "
+        "(plain steps at once) before trying it again.")
     drafter_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-method server options (actors.methods.check_options): aded takes "
         "AdedConfig's fields, e.g. {aded: {search: mcts, mcts: {simulations: 64}}}; sd gamma; mtad/mmtad gamma, "

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -131,6 +132,39 @@ class _Remote:
 
 
 @dataclass
+class DraftLink:
+    """The health of one remote drafter as the verifier sees it, shared by every per-request view.
+
+    A failed or timed-out step (a killed replica, a pool with no replica yet, an overloaded one) is a plain
+    step for that request, never its end; for ``retry_s`` afterwards no request waits on the pool (plain
+    steps at once), then the next step tries again. A replica that comes back without a request's state
+    rebuilds it from the context the step carries.
+    """
+
+    timeout_s: float = 3.0  # one step's round trip; past it the step is plain
+    retry_s: float = 2.0  # after a failure, steps skip the pool this long
+    failures: int = 0  # steps whose call failed or timed out
+    skipped: int = 0  # steps not sent while the pool was considered down
+    down_until: float = 0.0  # time.monotonic() before which steps are not sent
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def is_down(self) -> bool:
+        if time.monotonic() >= self.down_until:
+            return False
+        with self._lock:
+            self.skipped += 1
+        return True
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self.down_until = time.monotonic() + self.retry_s
+
+    def stats(self) -> dict[str, int | bool]:
+        return {"failures": self.failures, "skipped": self.skipped, "down": time.monotonic() < self.down_until}
+
+
+@dataclass
 class RemoteDrafter:
     """``actors.drafter.Drafter`` over a drafter-pool handle; called from the engine's (non-async) thread."""
 
@@ -150,12 +184,14 @@ class RemoteDrafter:
     session_prefix: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Shared by every per-request view (dataclasses.replace keeps the same dict): drafts refused, by reason.
     refused: dict[str, int] = field(default_factory=dict)
+    link: DraftLink = field(default_factory=DraftLink)  # shared by the views, like ``refused``
     _requests: dict[str, _Remote] = field(default_factory=dict)
 
     @classmethod
-    def from_info(cls, handle: Any, method: str, info: dict, affinity: bool = True) -> RemoteDrafter:
+    def from_info(cls, handle: Any, method: str, info: dict, affinity: bool = True,
+                  link: DraftLink | None = None) -> RemoteDrafter:
         return cls(handle, method, info["target_topk"], affinity, info["acceptance"], info["tau"],
-                   tuple(info["options"]), vocab_size=info.get("vocab_size"))
+                   tuple(info["options"]), vocab_size=info.get("vocab_size"), link=link or DraftLink())
 
     def with_options(self, gamma: int | None = None, beam_width: int | None = None,
                      tau: float | None = None) -> RemoteDrafter:
@@ -170,6 +206,8 @@ class RemoteDrafter:
 
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
         st = self._requests[request_id]
+        if self.link.is_down():
+            return Draft.empty()  # the feedback of this plain step rides on the next step that is sent
         msg = pb.DraftStepRequest(
             request_id=self._key(request_id), method=self.method, context=np.asarray(context).tolist(),
             prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
@@ -177,7 +215,15 @@ class RemoteDrafter:
         if st.feedback is not None:
             msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
             st.feedback = None
-        reply = self._handle(request_id).step.remote(msg.SerializeToString()).result()
+        response = self._handle(request_id).step.remote(msg.SerializeToString())
+        try:
+            reply = response.result(timeout_s=self.link.timeout_s)
+        except Exception as e:  # noqa: BLE001 - a dead, missing or stuck replica: this step is plain, not fatal
+            response.cancel()  # a step still queued for a replica that is not there yet is dropped
+            self.link.failed()
+            log.warning("drafter %s step failed (%s: %s); plain steps for %.1fs", self.method, type(e).__name__,
+                        str(e)[:200], self.link.retry_s)
+            return Draft.empty()
         return self._checked(reply, max_nodes)
 
     def observe(self, request_id: str, feedback: Feedback) -> None:

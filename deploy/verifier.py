@@ -11,6 +11,7 @@ its slot and drafter state after the current step.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from actors.loop import EngineLoop
 from actors.methods import METHODS
 from actors.models import load_model
 from deploy.config import ServeConfig
-from deploy.drafters import CappedDrafter, RemoteDrafter, build_drafters
+from deploy.drafters import CappedDrafter, DraftLink, RemoteDrafter, build_drafters
 from deploy.metrics import verifier_metrics
 from deploy.request import GenerationRequest, RequestError, check_max_tokens
 from deploy.tp import TPGroup
@@ -54,10 +55,12 @@ class VerifierServer:
             self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
         if cfg.aux_placement == "colocated" and cfg.draft_model:
             self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model, device=cfg.device))
-        for handle in (trigram, aux):
+        self.links: dict[str, DraftLink] = {}  # pool -> its health as seen here, shared by the pool's methods
+        for pool, handle in (("trigram", trigram), ("aux", aux)):
             if handle is not None:
+                link = self.links[pool] = DraftLink(cfg.drafter_timeout_s, cfg.drafter_retry_s)
                 for method, info in (await handle.info.remote()).items():
-                    self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity)
+                    self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity, link)
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
         self.metrics = verifier_metrics()
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -79,6 +82,14 @@ class VerifierServer:
     def live_requests(self) -> int:
         """Requests in this replica's engine (decoding, prefilling or waiting for a slot)."""
         return self.loop.live_requests()
+
+    def stats(self) -> dict:
+        """Read-only state for operators and fault tests: what is live, what the KV cache holds, the pools' links."""
+        kv = self.engine.verifier.kv
+        return {"live_requests": self.loop.live_requests(), "engine_requests": self.engine.num_requests,
+                "kv_slots": len(kv.slots), "kv_tokens": kv.tokens_held(), "pid": os.getpid(),
+                "links": {pool: link.stats() for pool, link in self.links.items()},
+                "refused_drafts": {m: dict(d.refused) for m, d in self.drafters.items() if isinstance(d, RemoteDrafter)}}
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
         arrived = time.perf_counter()

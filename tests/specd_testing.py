@@ -87,8 +87,11 @@ class _Call:
 class _Done:
     value: object
 
-    def result(self):
+    def result(self, timeout_s: float | None = None):
         return self.value
+
+    def cancel(self) -> None:
+        pass
 
 
 class FreshReplicaEachStep:

@@ -1,13 +1,13 @@
 """The served app on a real local Ray Serve (one cluster per session, tiny models; one SmolLM2 test).
 
 Config under test: tiny-llama target, tiny-llama:1 as the auxiliary draft model (sd) on 2 drafter
-replicas, the tri-gram pool remote, the verifier autoscaled within [1, 1]; the node offers exactly the
-pools this needs (draft_pool 3, verify_pool 1) plus one verify_pool slot for the SmolLM2 app.
+replicas, the tri-gram pool remote, the verifier autoscaled within [1, 1]; the session's node
+(conftest.serve_node) offers exactly the pools this needs (draft_pool 3, verify_pool 1) plus one
+verify_pool slot for the SmolLM2 app.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -32,34 +32,24 @@ PROMPTS = ["hello world", "the quick brown fox", "0123456789", "speculative deco
 MAX_TOKENS = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS_PORT = _free_port()  # the node's Prometheus endpoint (a Ray setting, not part of ServeConfig)
-
-
-@pytest.fixture(scope="session")
-def served():
+@pytest.fixture(scope="module")
+def served(serve_node):
     cfg = ServeConfig(
-        model="tiny-llama", draft_model="tiny-llama:1", default_method="sd", http_port=_free_port(),
-        grpc_port=_free_port(), torch_threads=1, max_tokens_limit=256,
+        model="tiny-llama", draft_model="tiny-llama:1", default_method="sd", http_port=serve_node.http_port,
+        grpc_port=serve_node.grpc_port, torch_threads=1, max_tokens_limit=256,
         verifier=DeploymentOptions(num_cpus=0.2, resources={"verify_pool": 1}, max_ongoing_requests=16,
                                    autoscaling_config={"min_replicas": 1, "max_replicas": 1,
                                                        "target_ongoing_requests": 8}),
         aux_drafter=DeploymentOptions(num_replicas=2, num_cpus=0.1, resources={"draft_pool": 1}),
     )
-    local.start(cfg, extra_resources={"verify_pool": 1}, metrics_port=METRICS_PORT)
+    local.deploy(cfg)
     try:
-        local.deploy(cfg)
         yield cfg
     finally:
-        local.stop()
+        serve.delete(cfg.name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(served):
     with SpecdClient(f"127.0.0.1:{served.grpc_port}", timeout=120) as c:
         yield c
@@ -253,13 +243,13 @@ def _sse(response) -> list:
     return out
 
 
-def test_metrics_are_exported(served, client):
+def test_metrics_are_exported(served, client, serve_node):
     client.generate("count me", max_tokens=8, method="sd", ignore_eos=True)
     names = {"ray_specd_generation_tokens_total", "ray_specd_time_to_first_token_seconds_bucket",
              "ray_specd_spec_decode_num_draft_tokens_total", "ray_specd_request_success_total"}
     deadline, found = time.time() + 40, set()
     while time.time() < deadline and not names <= found:  # replicas push every few seconds
-        text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        text = requests.get(f"http://127.0.0.1:{serve_node.metrics_port}/metrics", timeout=10).text
         found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_specd_")}
         time.sleep(2)
     assert names <= found
