@@ -21,7 +21,7 @@ from deploy.request import RequestLimits
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 GRPC_SERVICERS = (
-    "specd_api.v1.specd_pb2_grpc.add_SpecdServicer_to_server",
+    "deploy.grpc_service.add_SpecdServicer_to_server",  # the generated one, parsing bad bytes into an error
     # The standard health service through Serve's gRPC proxy: with a single application no
     # `application` metadata is needed, so Kubernetes gRPC probes and load balancers can call it.
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",

@@ -18,6 +18,7 @@ from ray import serve
 from actors.methods import METHODS, describe
 from deploy.config import ServeConfig
 from deploy.convert import chunk_to_proto, request_from_proto, response_to_proto
+from deploy.grpc_service import Undecodable
 from deploy.metrics import ingress_metrics
 from deploy.openai import DONE, ChatRequest, CompletionRequest, Renderer, error_body
 from deploy.request import GenerationRequest, RequestError, check_limits, check_max_tokens, error_message
@@ -102,7 +103,9 @@ class Ingress:
 
     # ---- gRPC: specd.v1.Specd ----
 
-    def _request(self, request: pb.GenerateRequest) -> GenerationRequest:
+    def _request(self, request: pb.GenerateRequest | Undecodable) -> GenerationRequest:
+        if isinstance(request, Undecodable):
+            raise RequestError(request.error)
         check_max_tokens(request.max_tokens, self.cfg.max_tokens_limit)  # before SamplingParams' own wider bound
         req = request_from_proto(request)
         check_limits(req, self.cfg.limits, self.cfg.max_tokens_limit)
@@ -125,7 +128,9 @@ class Ingress:
             self._invalid_grpc(grpc_context, e, None)
             raise  # a stream only ends with the status set on the context when it raises
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest | Undecodable, grpc_context) -> pb.ListModelsResponse:
+        if isinstance(request, Undecodable):
+            return self._invalid_grpc(grpc_context, RequestError(request.error), pb.ListModelsResponse())
         d = await self.verifier.describe.remote()
         options = self.cfg.drafter_options
         methods = [pb.MethodInfo(name=m, lossless=METHODS[m].lossless, description=describe(m, options.get(m)))
