@@ -110,7 +110,9 @@ def _container(cfg: ServeConfig, cluster: ClusterSpec, cpu: int, memory: str, gp
 
 
 def _env(cfg: ServeConfig, cluster: ClusterSpec) -> list[dict]:
-    env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]
+    env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+           # Serve's gRPC proxy refuses larger messages (as `specd serve` sets it locally, deploy/local.py)
+           {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(cfg.limits.max_message_bytes)}]
     if cfg.redis_url_env:
         env += [
             {"name": "REDIS_PASSWORD",
