@@ -23,11 +23,35 @@ from actors.cost import CostModel
 from actors.draft import Draft
 
 
-def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostModel, min_gain: float = 0.0) -> list[int]:
-    """Nodes to verify per draft (a prefix of each) for one batched step after ``context_len`` tokens."""
+class EstimateCorrection:
+    """How the drafters' estimates compare with what verification realised, over the batch's recent steps.
+
+    The budget reads ``p * factor`` (at most 1) with ``factor = (realised + s) / (predicted + s)`` over the
+    verified nodes that carried estimates, both sums decayed per step: a drafter that overrates itself
+    (a cold calibrator on a new workload) stops buying padded columns within a few steps.
+    """
+
+    def __init__(self, strength: float, decay: float) -> None:
+        self.strength, self.decay = strength, decay
+        self.predicted = self.realised = 0.0
+
+    @property
+    def factor(self) -> float:
+        return min(1.0, (self.realised + self.strength) / (self.predicted + self.strength))
+
+    def update(self, predicted: float, realised: float) -> None:
+        """Fold one step: the summed estimates of the verified nodes and how many of them were accepted."""
+        self.predicted = self.predicted * self.decay + predicted
+        self.realised = self.realised * self.decay + realised
+
+
+def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostModel, min_gain: float = 0.0,
+                        factor: float = 1.0) -> list[int]:
+    """Nodes to verify per draft (a prefix of each) for one batched step after ``context_len`` tokens;
+    ``factor`` scales every estimate (:class:`EstimateCorrection`)."""
     rows = len(drafts)
     fixed = [len(d) for d in drafts if d.p_accept is None]
-    ranked = [np.asarray(d.p_accept, np.float64) for d in drafts if d.p_accept is not None]
+    ranked = [np.minimum(1.0, factor * np.asarray(d.p_accept, np.float64)) for d in drafts if d.p_accept is not None]
     lo = max(fixed, default=0)
     hi = max([lo] + [len(p) for p in ranked])
     if hi == lo:

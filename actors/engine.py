@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
-from actors.budget import choose_batch_budget
+from actors.budget import EstimateCorrection, choose_batch_budget
 from actors.cost import CostModel
 from actors.detok import Detokenizer, find_stop
 from actors.draft import Draft
@@ -42,6 +42,10 @@ class EngineConfig(BaseModel):
         "between the batch's decode steps, so this bounds how long it can stall them (one chunk's forward).")
     budget_min_gain: float = Field(
         0.0, ge=0.0, description="Speculate only when the batch budget predicts this relative gain over plain decoding.")
+    budget_correction: float = Field(
+        4.0, gt=0.0, description="Pseudo-tokens behind the batch budget's correction of the drafters' estimates "
+        "(actors.budget.EstimateCorrection): smaller reacts faster to drafts that accept less than estimated.")
+    budget_correction_decay: float = Field(0.98, gt=0.0, le=1.0, description="Per-step decay of that correction's sums.")
     backend: Literal["plain", "deepspeed"] = Field(
         "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel ranks of the deepspeed backend (rank 0 runs the engine).")
@@ -103,6 +107,7 @@ class Engine:
 
             self.verifier = deepspeed_verifier(target.model, cfg.tp_size, cfg.tp_heartbeat_s)
         self.cost = cost if cost is not None else default_cost(target)
+        self.correction = EstimateCorrection(cfg.budget_correction, cfg.budget_correction_decay)
         self.vocab_size = int(target.model.config.vocab_size)
         self._requests: dict[str, _Request] = {}
         self._waiting: list[_Request] = []  # admitted in order as slots free up
@@ -152,17 +157,22 @@ class Engine:
             return events
         drafts = self._budget(live, [drafts[r.id] for r in live])
         logits = self.verifier.verify([(r.seq, d) for r, d in zip(live, drafts)])  # [1 + n_r, vocab] each
+        predicted = realised = 0.0
         for req, draft, row in zip(live, drafts, logits):
             try:
                 tokens = self._accept_and_commit(req, draft, row)
             except Exception as e:  # noqa: BLE001 - this request's drafter or rule failed; the batch goes on
                 events.append((req.id, self._fail(req, e)))
                 continue
+            if draft.p_accept is not None and len(draft):
+                predicted += float(draft.p_accept.sum())
+                realised += len(tokens) - 1  # accepted draft tokens (the bonus is not the draft's)
             out = self._emit(req, tokens)
             events.append((req.id, out))
             if out.finish_reason:
                 self._requests.pop(req.id, None)
                 self._release(req)
+        self.correction.update(predicted, realised)
         return events
 
     def _admit(self, events: list) -> None:
@@ -224,7 +234,7 @@ class Engine:
     def _budget(self, live: list[_Request], drafts: list[Draft]) -> list[Draft]:
         """Cut drafts to the batch budget (actors.budget); records the step's shape."""
         context = max(len(r.seq.tokens) for r in live)
-        keep = choose_batch_budget(drafts, context, self.cost, self.config.budget_min_gain)
+        keep = choose_batch_budget(drafts, context, self.cost, self.config.budget_min_gain, self.correction.factor)
         cut = [d.prefix(n) for d, n in zip(drafts, keep)]
         self.last_step = StepInfo(rows=len(live), proposed=sum(map(len, drafts)), verified=sum(keep),
                                   tokens=len(live) * (1 + max(keep)))

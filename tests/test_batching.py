@@ -332,3 +332,17 @@ def test_a_cuda_target_is_never_budgeted_with_the_cpu_curve():
     assert profile_path(on_gpu) != profile_path(on_cpu)
     flat = fallback_cost(on_gpu)
     assert flat.relative(64, 512) == 1.0 and fallback_cost(on_cpu).relative(64, 512) > 1.5
+
+
+def test_estimate_correction_turns_an_overrating_drafter_down():
+    """Drafts that claim 0.9 per node but are never accepted stop buying padded columns within a few steps."""
+    from actors.budget import EstimateCorrection
+
+    cost = CostModel.from_profile({"k": [1, 2, 8], "context_lengths": [0, 1e6], "seconds": [[1.0, 1.2, 2.0]] * 2})
+    draft = Draft(np.arange(4), [-1, 0, 1, 2], p_accept=[0.9, 0.8, 0.7, 0.6])
+    correction = EstimateCorrection(strength=4.0, decay=0.98)
+    assert choose_batch_budget([draft] * 8, 100, cost, factor=correction.factor)[0] > 0
+    for _ in range(10):
+        correction.update(predicted=8 * 3.0, realised=0.0)
+    assert correction.factor < 0.1
+    assert choose_batch_budget([draft] * 8, 100, cost, factor=correction.factor) == [0] * 8
