@@ -295,9 +295,7 @@ class Engine:
 
     def _fail(self, req: _Request, error: Exception) -> RequestFailed:
         self._requests.pop(req.id, None)
-        if req in self._waiting:
-            self._waiting.remove(req)
-        self._release(req)
+        self._release(req)  # a waiting request leaves the queue there
         failed = RequestFailed(f"request {req.id}: {type(error).__name__}: {error}")
         failed.__cause__ = error
         return failed
