@@ -115,8 +115,9 @@ class BatchKV(Cache):
 
     # -- forward -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: list[RowInput]) -> list[torch.Tensor]:
-        """One forward over every row in ``batch``; returns each row's logits [q_r, vocab] on the CPU.
+    def forward(self, batch: list[RowInput], logits: bool = True) -> list[torch.Tensor]:
+        """One forward over every row in ``batch``; returns each row's logits [q_r, vocab] on the CPU, or
+        nothing when ``logits`` is False (a prompt chunk: the LM head would be a sixth of its FLOPs, unread).
 
         Rows of the covered slot range that ``batch`` leaves out take part as pure padding.
         """
@@ -145,6 +146,10 @@ class BatchKV(Cache):
             input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
             cache=self, use_cache=True,
         ).last_hidden_state  # [R, Q, hidden]
+        if not logits:
+            for r in batch:
+                r.slot.ids.extend(r.ids)
+            return []
         keep = [i * q + j for i, r in sorted(by_row.items()) for j in range(len(r.ids))]
         flat = hidden.reshape(n_rows * q, -1)[torch.tensor(keep, device=hidden.device)]
         # [1, N, hidden]: a sharded head (DeepSpeed's LmHeadLinearAllreduce) wants [batch, seq, hidden]

@@ -71,7 +71,7 @@ class Verifier:
         start = len(seq.slot)
         chunk = seq.tokens[start : len(seq.tokens) - 1][:max_tokens]
         if chunk:
-            self.kv.forward([RowInput(seq.slot, *causal_row(start, chunk))])
+            self.kv.forward([RowInput(seq.slot, *causal_row(start, chunk))], logits=False)
         return seq.to_prefill
 
     def room(self, seq: TargetSequence) -> int:
