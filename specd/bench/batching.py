@@ -116,7 +116,7 @@ def measure_served(args, sets, levels, methods) -> dict:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     cfg = ServeConfig(model=args.model, default_method="ar", http_port=ports[0], grpc_port=ports[1],
-                      max_batch=max(levels), verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
+                      max_batch=max(levels), torch_threads=args.served_torch_threads, verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
     out: dict = {}
     local.start(cfg, extra_resources={"verify_pool": 1})
     try:
@@ -232,7 +232,8 @@ def run(args) -> int:
                                                            / summary[f"embedded/{name}/{m}"][str(c)]["tokens_per_second"], 3)
             ratios[f"{name}/{c}"] = row
     report = {"command": " ".join(["specd", *sys.argv[1:]]), "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                          "served_torch_threads": served_threads(args)},
               "summary": summary, "ratios": ratios, "identity": compare(results, levels, methods)}
     if not args.no_memory:
         report["memory"] = measure_memory(target)
@@ -242,6 +243,12 @@ def run(args) -> int:
     plot(report, args.out / "batching.png")
     print(json.dumps({"ratios": ratios, "memory": report.get("memory")}, indent=1))
     return 0
+
+
+def served_threads(args) -> int:
+    from deploy.config import ServeConfig
+
+    return ServeConfig(model=args.model, torch_threads=args.served_torch_threads).threads()
 
 
 def engine_cost_source(target) -> str:
