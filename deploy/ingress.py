@@ -97,8 +97,8 @@ class Ingress:
         self.metrics = ingress_metrics()
         self._healthy_at = 0.0
 
-    async def _stream(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
-        async for chunk in self.verifier.generate.options(stream=True).remote(req):
+    async def _stream(self, req: GenerationRequest, whole: bool = False) -> AsyncIterator[ServedChunk]:
+        async for chunk in self.verifier.generate.options(stream=True).remote(req, whole):
             yield chunk
 
     # ---- gRPC: specd.v1.Specd ----
@@ -114,7 +114,7 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             req = self._request(request)
-            chunks = [chunk_to_proto(c.output, c.method) async for c in self._stream(req)]
+            chunks = [chunk_to_proto(c.output, c.method) async for c in self._stream(req, whole=True)]
         except RequestError as e:
             return self._invalid_grpc(grpc_context, e, pb.GenerateResponse())
         return response_to_proto(chunks, req.request_id)
@@ -201,7 +201,7 @@ class Ingress:
             check_max_tokens(body.max_completion_tokens or body.max_tokens, self.cfg.max_tokens_limit)
             req = body.to_generation()
             check_limits(req, self.cfg.limits, self.cfg.max_tokens_limit)
-            stream = self._stream(req)
+            stream = self._stream(req, whole=not body.stream)
             first = await anext(stream)  # bad requests fail here, before any byte is sent
         except RequestError as e:
             self.metrics.invalid.inc(1, {"protocol": "http"})

@@ -39,6 +39,12 @@ class ServedChunk:
     method: str  # the method that actually decoded (after defaults and opt-outs)
 
 
+def join_outputs(outs: list[StepOutput]) -> StepOutput:
+    """Consecutive steps of one request as one: tokens and text joined, the last step's reason and stats."""
+    return StepOutput([t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
+                      outs[-1].finish_reason, outs[-1].stats)
+
+
 class VerifierServer:
     async def __init__(self, config: dict, trigram=None, aux=None) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
@@ -91,7 +97,9 @@ class VerifierServer:
                 "links": {pool: link.stats() for pool, link in self.links.items()},
                 "refused_drafts": {m: dict(d.refused) for m, d in self.drafters.items() if isinstance(d, RemoteDrafter)}}
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[ServedChunk]:
+    async def generate(self, req: GenerationRequest, whole: bool = False) -> AsyncIterator[ServedChunk]:
+        """The request's output: a chunk per engine step, or one chunk at the end when ``whole`` (a unary
+        call, for which one object crosses to the ingress instead of one per step)."""
         arrived = time.perf_counter()
         # Tokenizing a long prompt takes milliseconds of CPU: off the replica's event loop, on one thread (a
         # fast tokenizer's encode settings are not safe to change from two threads at once).
@@ -101,7 +109,7 @@ class VerifierServer:
         sink = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the loop thread
         self.loop.submit(ids, req.params, drafter, req.request_id, sink)
         self.metrics.running.set(self.loop.live_requests())
-        last, prev, done = None, arrived, False
+        last, prev, done, held = None, arrived, False, []
         try:
             while not done:
                 item = await queue.get()
@@ -113,7 +121,12 @@ class VerifierServer:
                 item.stats.lossless = lossless
                 prev = self._observe(method, last, item, arrived, prev)
                 last, done = item, item.finish_reason is not None
-                yield ServedChunk(item, method)
+                if not whole:
+                    yield ServedChunk(item, method)
+                    continue
+                held.append(item)
+                if done:
+                    yield ServedChunk(join_outputs(held), method)
         finally:
             if not done:
                 self.loop.cancel(req.request_id)  # a cancelled stream frees its slot after the current step

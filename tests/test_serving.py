@@ -78,6 +78,24 @@ def test_unary_and_stream_match_embedded_engine(client, reference, method):
         assert r.stats.drafted_tokens > 0  # the remote drafter really drafted
 
 
+def test_a_unary_call_crosses_from_the_verifier_as_one_chunk(served, reference):
+    """Unary calls ask the verifier for the whole output: one object to the ingress, not one per step."""
+    from deploy.request import GenerationRequest
+
+    verifier = serve.get_deployment_handle("Verifier", served.name).options(stream=True)
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, ignore_eos=True)
+    prompt = PROMPTS[0]
+    chunks = {whole: list(verifier.generate.remote(
+        GenerationRequest(request_id=f"whole-{whole}", prompt=prompt, method="ar", params=params), whole))
+        for whole in (False, True)}
+    assert len(chunks[False]) == MAX_TOKENS  # ar: a step per token
+    assert len(chunks[True]) == 1
+    joined = chunks[True][0].output
+    assert joined.token_ids == [t for c in chunks[False] for t in c.output.token_ids] == reference[prompt]
+    assert joined.text == "".join(c.output.text for c in chunks[False])
+    assert joined.finish_reason == "length" and joined.stats.new_tokens == MAX_TOKENS
+
+
 def test_pools_hold_replicas_and_overflow_stays_pending(served):
     deployments = serve.status().applications[served.name].deployments
     assert deployments["AuxDrafter"].replica_states == {"RUNNING": 2}
