@@ -49,7 +49,7 @@ def measure_verify_cost(
         kv = BatchKV(target.model)
         slots = [kv.add() for _ in range(max(batch_sizes))]
         for slot in slots:
-            kv.forward([RowInput(slot, *causal_row(0, rng.integers(0, vocab, ctx).tolist()))])
+            kv.forward([RowInput(slot, *causal_row(0, rng.integers(0, vocab, ctx).tolist()))], logits=False)
         points = [(b, k) for b in batch_sizes for k in k_values if b * k <= MAX_TOKENS_PER_STEP or k == 1]
         times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
         for r in range(repeats + 1):  # round 0 warms up allocator and kernels
