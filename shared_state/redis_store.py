@@ -11,6 +11,14 @@ Key layout (a namespace's keys share the hash tag ``{ns}``, so one script call s
 
     specd:ngram:v1:{ns}:meta      hash  schema=1, namespace, cap, top_k (written once, checked on connect)
     specd:ngram:v1:{ns}:c:<a>:<b> hash  <c> -> weight (decimal), "_t" -> server time the weights are as of
+    specd:ngram:v1:{ns}:rows      zset  row key -> log2(row's total weight) + _t / half_life_s
+
+The ``rows`` index bounds the server too: the flush script updates a row's score in the same atomic call
+that folds its deltas, and once the index holds more than ``max_rows`` + 10% it pops the lowest scores and
+deletes their rows (ZPOPMIN + DEL), so concurrent replicas can never push it past that. The score orders
+rows by their weight *now* (decay is a common factor ``2 ** (-now / half_life_s)``), without a scan. A row
+gone another way (TTL, ``maxmemory``) leaves a ghost entry; each call checks a few random entries and
+drops those whose row is gone. The smallest ``max_rows`` among the writers is the one that holds.
 
 Only decimal ids and numbers are stored, and both scripts parse what they find strictly: a foreign
 field, a non-numeric or non-finite value, or a key of another type is ignored and counted (our own
@@ -60,17 +68,27 @@ local function number(s)
 end
 """
 
-# KEYS: context rows. ARGV: cap, top_k, half_life_s (0: none), min_weight, ttl_s (0: none), then per key
-# its (successor id, delta) pairs as little-endian doubles. Returns {applied, rejected keys, rejected fields}.
+# KEYS: the rows index, then context rows. ARGV: cap, top_k, half_life_s (0: none), min_weight, ttl_s
+# (0: none), max_rows (0: none), the row key prefix, then per row its (successor id, delta) pairs as
+# little-endian doubles. Returns {applied, rejected keys, rejected fields, rows evicted}.
 _FLUSH_LUA = r"""
 local cap, top_k = tonumber(ARGV[1]), tonumber(ARGV[2])
 local half_life, min_w, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_rows, row_prefix = tonumber(ARGV[6]), ARGV[7]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 """ + _PARSE_LUA + r"""
-local applied, bad_keys, bad_fields = 0, 0, 0
-for i, key in ipairs(KEYS) do
-  local deltas = ARGV[5 + i]
+local applied, bad_keys, bad_fields, evicted = 0, 0, 0, 0
+local index = KEYS[1]
+local index_kind = redis.call('TYPE', index).ok
+local indexed = index_kind == 'zset' or index_kind == 'none'
+if not indexed then bad_keys = bad_keys + 1 end
+-- Only our own row keys are ever deleted through the index, whatever else a foreign writer put in it.
+local function ours(m)
+  return string.sub(m, 1, #row_prefix) == row_prefix and string.match(string.sub(m, #row_prefix + 1), '^%d+:%d+$') ~= nil
+end
+for i = 2, #KEYS do
+  local key, deltas = KEYS[i], ARGV[6 + i]
   local kind = redis.call('TYPE', key).ok
   if kind ~= 'hash' and kind ~= 'none' then
     bad_keys = bad_keys + 1
@@ -108,11 +126,34 @@ for i, key in ipairs(KEYS) do
     if #set > 2 then
       redis.call('HSET', key, unpack(set))
       if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-    elseif foreign == 0 then redis.call('DEL', key)
-    else redis.call('HDEL', key, '_t') end
+      if indexed then
+        local total = 0
+        for j = 4, #set, 2 do total = total + set[j] end
+        -- log2(weight at stamp) + stamp / half_life: rows compare by their decayed weight at any common time.
+        local score = math.log(total) / math.log(2)
+        if half_life > 0 then score = score + stamp / half_life end
+        redis.call('ZADD', index, score, key)
+      end
+    else
+      if foreign == 0 then redis.call('DEL', key) else redis.call('HDEL', key, '_t') end
+      if indexed then redis.call('ZREM', index, key) end
+    end
   end
 end
-return {applied, bad_keys, bad_fields}
+if indexed then
+  for _, m in ipairs(redis.call('ZRANDMEMBER', index, 4)) do
+    if not ours(m) or redis.call('EXISTS', m) == 0 then redis.call('ZREM', index, m) end
+  end
+  local n = redis.call('ZCARD', index)
+  if max_rows > 0 and n > max_rows + math.floor(max_rows / 10) then
+    local popped = redis.call('ZPOPMIN', index, n - max_rows)
+    for j = 1, #popped, 2 do
+      local m = popped[j]
+      if ours(m) and redis.call('TYPE', m).ok == 'hash' then evicted = evicted + redis.call('DEL', m) end
+    end
+  end
+end
+return {applied, bad_keys, bad_fields, evicted}
 """
 
 # KEYS: context rows. Returns little-endian doubles: server time, then per key
@@ -213,7 +254,7 @@ class RedisStore(NGramStore):
         self._tracked: OrderedDict[int, None] = OrderedDict()  # background thread only; most recent last
         self._counts = dict.fromkeys(
             ("flushed_increments", "failed_flushes", "pulls", "pulled_rows", "outages", "rejected_fields",
-             "rejected_keys", "dropped_increments", "evicted_rows"), 0)
+             "rejected_keys", "dropped_increments", "evicted_rows", "server_evicted_rows"), 0)
         self._healthy = False
         self._outage_since: float | None = None
         self._started = self._done = 0
@@ -245,7 +286,7 @@ class RedisStore(NGramStore):
                     self._n_pending += 1
                 buf[c] = buf.get(c, 0.0) + delta
             self._drop_overflow()
-            # The local view only: the server's rows are bounded server-side (see ARCHITECTURE.md).
+            # The local view; the server's rows are bounded by the flush script (the rows index).
             self._counts["evicted_rows"] += evict_weakest(table, self.config.max_rows)
 
     def successors(self, a: int, b: int) -> dict[int, float]:
@@ -352,11 +393,12 @@ class RedisStore(NGramStore):
             batch, self._pending, self._n_pending = self._pending, OrderedDict(), 0
         items = list(batch.items())
         o = self.options
-        head = [self.config.cap, self.config.top_k, o.half_life_s or 0, o.min_weight, o.key_ttl_s or 0]
+        head = [self.config.cap, self.config.top_k, o.half_life_s or 0, o.min_weight, o.key_ttl_s or 0,
+                self.config.max_rows or 0, self._prefix + "c:"]
         sent = 0
         try:
             while sent < len(items):
-                keys, args, n = [], list(head), 0
+                keys, args, n = [self._prefix + "rows"], list(head), 0
                 for packed, deltas in items[sent:]:
                     if n and n + len(deltas) > o.batch_size:
                         break
@@ -364,8 +406,9 @@ class RedisStore(NGramStore):
                     flat = [x for cd in deltas.items() for x in cd]
                     args.append(struct.pack(f"<{len(flat)}d", *flat))
                     n += len(deltas)
-                applied, bad_keys, bad_fields = self._flush_script(keys=keys, args=args)
-                sent += len(keys)
+                applied, bad_keys, bad_fields, evicted = self._flush_script(keys=keys, args=args)
+                sent += len(keys) - 1
+                self._counts["server_evicted_rows"] += int(evicted)
                 self._counts["flushed_increments"] += int(applied)
                 self._counts["rejected_keys"] += int(bad_keys)
                 self._counts["rejected_fields"] += int(bad_fields)
