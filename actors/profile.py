@@ -24,7 +24,8 @@ import torch
 from actors.cost import CostModel, smollm2_cpu_cost
 from actors.kernels import kernels_of
 from actors.kv import BatchKV, RowInput, causal_row, tree_row
-from actors.models import LoadedModel, models_dir
+from actors.model_cache import models_dir
+from actors.models import LoadedModel
 
 DEFAULT_K = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_BATCH = (1, 2, 4, 8, 16)

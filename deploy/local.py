@@ -110,7 +110,8 @@ def prepare(cfg: ServeConfig, say: Callable[[str], None]) -> None:
     A model that needs an explicit ``specd models fetch`` (GBs to convert) is refused here with that
     advice, as its replica would refuse it unseen.
     """
-    from actors.models import REGISTRY, ModelError, fetch_model, is_cached, load_model
+    from actors.model_cache import REGISTRY, ModelError, fetch_model, is_cached
+    from actors.models import load_model
 
     for name in filter(None, (cfg.model, cfg.draft_model)):
         source = REGISTRY.get(name)

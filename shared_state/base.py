@@ -32,8 +32,8 @@ class StoreConfig(BaseModel):
     cap: float = Field(3.0, gt=0, description="Upper bound of one successor's adaptive weight (ADED: 3.0).")
     top_k: int = Field(12, ge=1, le=1024, description="Successors kept per context (ADED: 12).")
     max_rows: int | None = Field(
-        100_000, ge=1, description="Contexts kept in this process (about 0.4 KB each at top_k 12; "
-        "benchmarks/store_memory.py): past it the rows with the least total weight go first. None: unbounded.")
+        100_000, ge=1, description="Contexts kept in this process, and in a shared Redis namespace (about 0.4 KB each at "
+        "top_k 12; benchmarks/store_memory.py): 10% past it the rows with the least total weight go. None: unbounded.")
     vocab_size: int | None = Field(
         None, ge=1, description="Token ids a shared row may name are below this; a row read from a shared store "
         "with others is dropped and counted (a poisoned row must never reach the verifier). None: unchecked.")

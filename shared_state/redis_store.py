@@ -11,6 +11,14 @@ Key layout (a namespace's keys share the hash tag ``{ns}``, so one script call s
 
     specd:ngram:v1:{ns}:meta      hash  schema=1, namespace, cap, top_k (written once, checked on connect)
     specd:ngram:v1:{ns}:c:<a>:<b> hash  <c> -> weight (decimal), "_t" -> server time the weights are as of
+    specd:ngram:v1:{ns}:rows      zset  row key -> log2(row's total weight) + _t / half_life_s
+
+The ``rows`` index bounds the server too: the flush script updates a row's score in the same atomic call
+that folds its deltas, and once the index holds more than ``max_rows`` + 10% it pops the lowest scores and
+deletes their rows (ZPOPMIN + DEL), so concurrent replicas can never push it past that. The score orders
+rows by their weight *now* (decay is a common factor ``2 ** (-now / half_life_s)``), without a scan. A row
+gone another way (TTL, ``maxmemory``) leaves a ghost entry; each call checks a few random entries and
+drops those whose row is gone. The smallest ``max_rows`` among the writers is the one that holds.
 
 Only decimal ids and numbers are stored, and both scripts parse what they find strictly: a foreign
 field, a non-numeric or non-finite value, or a key of another type is ignored and counted (our own
@@ -43,102 +51,12 @@ from redis.retry import Retry
 
 from shared_state.base import Increment, NGramStore, StoreConfig, evict_weakest
 from shared_state.memory import fold
+from shared_state.redis_lua import FLUSH_LUA, PULL_LUA
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
 Context = tuple[int, int]
-
-# Strict: ids are 1-10 decimal digits; numbers plain decimal/exponent digits (no hex, spaces, inf or nan).
-_PARSE_LUA = r"""
-local function is_id(f) return #f <= 10 and string.match(f, '^%d+$') ~= nil end
-local function number(s)
-  if #s > 40 or not string.match(s, '^[%d%.eE%+%-]+$') then return nil end
-  local v = tonumber(s)
-  if v == nil or v ~= v or v == math.huge or v == -math.huge then return nil end
-  return v
-end
-"""
-
-# KEYS: context rows. ARGV: cap, top_k, half_life_s (0: none), min_weight, ttl_s (0: none), then per key
-# its (successor id, delta) pairs as little-endian doubles. Returns {applied, rejected keys, rejected fields}.
-_FLUSH_LUA = r"""
-local cap, top_k = tonumber(ARGV[1]), tonumber(ARGV[2])
-local half_life, min_w, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-""" + _PARSE_LUA + r"""
-local applied, bad_keys, bad_fields = 0, 0, 0
-for i, key in ipairs(KEYS) do
-  local deltas = ARGV[5 + i]
-  local kind = redis.call('TYPE', key).ok
-  if kind ~= 'hash' and kind ~= 'none' then
-    bad_keys = bad_keys + 1
-  else
-    local flat = redis.call('HGETALL', key)
-    local w, foreign, stamp = {}, 0, now
-    for j = 1, #flat, 2 do
-      local f, v = flat[j], number(flat[j + 1])
-      if f == '_t' and v then stamp = math.min(v, now)
-      elseif is_id(f) and v and v >= 0 then w[f] = math.min(v, cap)
-      else bad_fields = bad_fields + 1; if not is_id(f) then foreign = foreign + 1 end end
-    end
-    if half_life > 0 and now - stamp >= 0.01 * half_life then
-      local factor = 0.5 ^ ((now - stamp) / half_life)
-      for c, v in pairs(w) do w[c] = v * factor end
-      stamp = now
-    end
-    for j = 1, #deltas, 16 do
-      local id, d = struct.unpack('<dd', deltas, j)
-      local c = string.format('%d', id)
-      w[c] = math.max(0, math.min(cap, (w[c] or 0) + d)); applied = applied + 1
-    end
-    local ranked = {}
-    for c, v in pairs(w) do if v > 0 and v >= min_w then ranked[#ranked + 1] = c end end
-    table.sort(ranked, function(x, y) if w[x] ~= w[y] then return w[x] > w[y] end return x < y end)
-    local keep, set = {}, {'_t', stamp}
-    for i = 1, math.min(top_k, #ranked) do
-      local c = ranked[i]; keep[c] = true; set[#set + 1] = c; set[#set + 1] = w[c]
-    end
-    local drop = {}
-    for j = 1, #flat, 2 do
-      if is_id(flat[j]) and not keep[flat[j]] then drop[#drop + 1] = flat[j] end
-    end
-    if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
-    if #set > 2 then
-      redis.call('HSET', key, unpack(set))
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-    elseif foreign == 0 then redis.call('DEL', key)
-    else redis.call('HDEL', key, '_t') end
-  end
-end
-return {applied, bad_keys, bad_fields}
-"""
-
-# KEYS: context rows. Returns little-endian doubles: server time, then per key
-# [n, stamp, rejected fields, n x (successor id, weight)]; n = -1 for a key of another type, stamp = -1 if absent.
-# Packing server-side keeps the client's parsing (and so its GIL time) to one buffer per pull.
-_PULL_LUA = r"""
-local clock = redis.call('TIME')
-local out = {struct.pack('<d', tonumber(clock[1]) + tonumber(clock[2]) / 1e6)}
-""" + _PARSE_LUA + r"""
-for _, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key).ok
-  if kind == 'hash' then
-    local flat, row, n, stamp, bad = redis.call('HGETALL', key), {}, 0, -1, 0
-    for j = 1, #flat, 2 do
-      local f, v = flat[j], number(flat[j + 1])
-      if f == '_t' and v then stamp = v
-      elseif is_id(f) and v and v >= 0 then
-        n = n + 1; row[n] = struct.pack('<dd', tonumber(f), v)
-      else bad = bad + 1 end
-    end
-    out[#out + 1] = struct.pack('<ddd', n, stamp, bad) .. table.concat(row)
-  elseif kind == 'none' then out[#out + 1] = struct.pack('<ddd', 0, -1, 0)
-  else out[#out + 1] = struct.pack('<ddd', -1, -1, 0) end
-end
-return table.concat(out)
-"""
 
 
 class RedisOptions(BaseModel):
@@ -163,7 +81,7 @@ def key_prefix(namespace: str) -> str:
 
 
 def unpack_rows(reply: bytes, n_keys: int, config: StoreConfig, options: RedisOptions) -> tuple[list, int]:
-    """Decode a ``_PULL_LUA`` reply: per key a row decayed to the server's time (None: a key of another
+    """Decode a ``PULL_LUA`` reply: per key a row decayed to the server's time (None: a key of another
     type), and the number of rejected fields. A reply of the wrong shape raises ValueError."""
     vals = np.frombuffer(reply, dtype="<f8").tolist()
     now, p, rejected, rows = vals[0], 1, 0, []
@@ -202,8 +120,8 @@ class RedisStore(NGramStore):
         kw = self._client.connection_pool.connection_kwargs
         self.where = f"{url.split(':', 1)[0]}://{kw.get('host', kw.get('path'))}:{kw.get('port', '')}/{kw.get('db', 0)}"
         self._prefix = key_prefix(config.namespace)
-        self._flush_script = self._client.register_script(_FLUSH_LUA)
-        self._pull_script = self._client.register_script(_PULL_LUA)
+        self._flush_script = self._client.register_script(FLUSH_LUA)
+        self._pull_script = self._client.register_script(PULL_LUA)
         self._lock = threading.Lock()  # guards _table writes and _pending
         self._table: dict[Context, dict[int, float]] = {}  # copy-on-write rows
         # Contexts packed as a << 32 | b (token ids < 2**32): ints, which the cyclic GC never tracks.
@@ -213,7 +131,7 @@ class RedisStore(NGramStore):
         self._tracked: OrderedDict[int, None] = OrderedDict()  # background thread only; most recent last
         self._counts = dict.fromkeys(
             ("flushed_increments", "failed_flushes", "pulls", "pulled_rows", "outages", "rejected_fields",
-             "rejected_keys", "dropped_increments", "evicted_rows"), 0)
+             "rejected_keys", "dropped_increments", "evicted_rows", "server_evicted_rows"), 0)
         self._healthy = False
         self._outage_since: float | None = None
         self._started = self._done = 0
@@ -245,7 +163,7 @@ class RedisStore(NGramStore):
                     self._n_pending += 1
                 buf[c] = buf.get(c, 0.0) + delta
             self._drop_overflow()
-            # The local view only: the server's rows are bounded server-side (see ARCHITECTURE.md).
+            # The local view; the server's rows are bounded by the flush script (the rows index).
             self._counts["evicted_rows"] += evict_weakest(table, self.config.max_rows)
 
     def successors(self, a: int, b: int) -> dict[int, float]:
@@ -352,11 +270,12 @@ class RedisStore(NGramStore):
             batch, self._pending, self._n_pending = self._pending, OrderedDict(), 0
         items = list(batch.items())
         o = self.options
-        head = [self.config.cap, self.config.top_k, o.half_life_s or 0, o.min_weight, o.key_ttl_s or 0]
+        head = [self.config.cap, self.config.top_k, o.half_life_s or 0, o.min_weight, o.key_ttl_s or 0,
+                self.config.max_rows or 0, self._prefix + "c:"]
         sent = 0
         try:
             while sent < len(items):
-                keys, args, n = [], list(head), 0
+                keys, args, n = [self._prefix + "rows"], list(head), 0
                 for packed, deltas in items[sent:]:
                     if n and n + len(deltas) > o.batch_size:
                         break
@@ -364,8 +283,9 @@ class RedisStore(NGramStore):
                     flat = [x for cd in deltas.items() for x in cd]
                     args.append(struct.pack(f"<{len(flat)}d", *flat))
                     n += len(deltas)
-                applied, bad_keys, bad_fields = self._flush_script(keys=keys, args=args)
-                sent += len(keys)
+                applied, bad_keys, bad_fields, evicted = self._flush_script(keys=keys, args=args)
+                sent += len(keys) - 1
+                self._counts["server_evicted_rows"] += int(evicted)
                 self._counts["flushed_increments"] += int(applied)
                 self._counts["rejected_keys"] += int(bad_keys)
                 self._counts["rejected_fields"] += int(bad_fields)

@@ -91,7 +91,7 @@ def cmd_ngrams_build(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from actors.models import REGISTRY, list_models
+    from actors.model_cache import REGISTRY, list_models
 
     for name, cached in list_models().items():
         print(f"{name:20s} {'cached' if cached else 'not cached':11s} {REGISTRY[name].description}")
@@ -99,7 +99,7 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_fetch(args) -> int:
-    from actors.models import fetch_model
+    from actors.model_cache import fetch_model
 
     path = fetch_model(args.name)
     print(f"{args.name}: cached at {path}")

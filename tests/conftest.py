@@ -11,6 +11,18 @@ from actors.models import LoadedModel, load_model
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    """The tiny target most engine tests decode with (module scope: a module may mutate its caches)."""
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def aux() -> LoadedModel:
+    """An auxiliary draft model for ``target``: same byte tokenizer, other random weights."""
+    return load_model("tiny-llama:1")
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """SmolLM2-135M from the cache (the first run on a machine converts it from GGUF, ~30 s)."""

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import actors.engine as engine_mod
-import actors.models as models
 from actors.aded.drafter import AdedConfig, AdedDrafter
 from actors.aded.trigram import build_matrix
 from actors.cost import CostModel, smollm2_cpu_cost
@@ -16,11 +15,6 @@ from shared_state import MemoryStore, StoreConfig
 from specd_testing import exact_pair_distribution
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return models.load_model("tiny-llama")
 
 
 @pytest.fixture(scope="module")

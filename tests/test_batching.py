@@ -20,7 +20,6 @@ from actors.draft import Draft
 from actors.drafter import NoDrafter
 from actors.engine import Engine, EngineConfig, RequestFailed
 from actors.kv import BatchKV, KVSequence, RowInput, causal_row, tree_row
-from actors.models import load_model
 from actors.mtad import MtadDrafter
 from actors.sampling import SamplingParams, warp
 from actors.sd import ModelDrafter
@@ -104,16 +103,6 @@ def test_batch_budget_turns_speculation_down_as_rows_grow():
     assert choose_batch_budget([draft] * 4, 100, CostModel.flat()) == [8] * 4  # flat curve: take everything
     sd = Draft.chain([1, 2, 3])  # no estimates: verified whole
     assert choose_batch_budget([sd, draft], 100, cost)[0] == 3
-
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def aux():
-    return load_model("tiny-llama:1")
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:

@@ -18,11 +18,6 @@ GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def engine(target):
     return Engine(target)
 

@@ -66,3 +66,32 @@ def test_wheel_and_image_ship_every_layer():
     assert packages == PROJECT
     copied = set(re.findall(r"^COPY \S+ (\w+) \./\1$", (ROOT / "k8s" / "Dockerfile").read_text(), re.M))
     assert copied >= PROJECT
+
+
+@pytest.mark.parametrize("package", ["actors", "deploy", "shared_state", "specd"])
+def test_modules_stay_under_400_lines(package):
+    """The style rule (files under ~400 lines) for hand-written code; the generated stubs are exempt."""
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / package).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 400]
+    assert not long
+
+
+def _fixtures(path: Path) -> set[str]:
+    """Names of the functions in ``path`` decorated with ``pytest.fixture`` (called or not)."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef):
+            for dec in node.decorator_list:
+                dec = dec.func if isinstance(dec, ast.Call) else dec
+                if isinstance(dec, ast.Attribute) and dec.attr == "fixture":
+                    names.add(node.name)
+    return names
+
+
+def test_shared_fixtures_are_not_redefined():
+    """A fixture tests/conftest.py provides (target, aux, ...) has one definition, not a copy per module."""
+    shared = _fixtures(ROOT / "tests" / "conftest.py")
+    assert {"target", "aux", "serve_node"} <= shared
+    copies = [f"{p.name}: {sorted(names)}" for p in sorted((ROOT / "tests").glob("test_*.py"))
+              if (names := _fixtures(p) & shared)]
+    assert not copies

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.models import ModelError, load_model, load_tokenizer
+from actors.model_cache import ModelError
+from actors.models import load_model, load_tokenizer
 from deploy.config import ServeConfig
 from deploy.pool import DrafterPool
 

@@ -77,3 +77,61 @@ def test_http_bodies_over_the_limit_get_400(monkeypatch):
             yield b"x" * 400
 
     assert client.post("/echo", content=chunks()).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def small_app(serve_node):
+    """The smallest real app (ingress + a tiny-llama verifier, no drafters) on the session's Serve node."""
+    from ray import serve
+
+    from deploy import local
+    from deploy.config import DeploymentOptions, ServeConfig
+
+    cfg = ServeConfig(name="limits", route_prefix="/limits", model="tiny-llama", default_method="ar",
+                      trigram_methods=(), aux_methods=(), trigram_placement="colocated", torch_threads=1,
+                      http_port=serve_node.http_port, grpc_port=serve_node.grpc_port,
+                      verifier=DeploymentOptions(num_cpus=0.1, resources={}))
+    local.deploy(cfg)
+    try:
+        yield cfg
+    finally:
+        serve.delete(cfg.name)
+
+
+def _request_of_size(size: int) -> pb.GenerateRequest:
+    """A GenerateRequest whose serialized size is exactly ``size`` bytes (the prompt fills it)."""
+    msg = pb.GenerateRequest(max_tokens=4)
+    n = size
+    for _ in range(4):  # the prompt's length prefix is a varint: settle it in a few steps
+        msg.prompt = "x" * n
+        n += size - msg.ByteSize()
+    assert msg.ByteSize() == size
+    return msg
+
+
+def test_grpc_messages_over_the_proxy_limit_are_refused_and_the_server_stays_up(small_app):
+    """What the gRPC proxy actually applies is ``limits.max_message_bytes`` (Ray's default is 2 GiB): a message
+    one byte over it is RESOURCE_EXHAUSTED at the proxy, one at the limit reaches the app (which refuses its
+    prompt as INVALID_ARGUMENT), and the server answers normally after."""
+    import os
+
+    import grpc
+
+    from specd.client import SpecdClient
+
+    limit = small_app.limits.max_message_bytes
+    assert os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(limit)  # what the proxy read at its start
+    with SpecdClient(f"127.0.0.1:{small_app.grpc_port}", application=small_app.name, timeout=120) as client:
+        assert len(client.generate("warm up", max_tokens=2).token_ids) == 2
+        calls = {"unary": lambda m: client.stub.Generate(m, metadata=client.metadata, timeout=120),
+                 "stream": lambda m: list(client.stub.GenerateStream(m, metadata=client.metadata, timeout=120))}
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as over:
+                call(_request_of_size(limit + 1))
+            assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, over.value.details())
+            with pytest.raises(grpc.RpcError) as at:
+                call(_request_of_size(limit))
+            assert at.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, at.value.details())
+            assert "prompt has" in at.value.details()
+        assert len(client.generate("still up", max_tokens=4).token_ids) == 4
+        assert client.health() == "SERVING"

@@ -3,16 +3,8 @@ import re
 import pytest
 import torch
 
-from actors.models import (
-    CACHE_ENV,
-    REGISTRY,
-    GgufWheels,
-    ModelError,
-    ModelSource,
-    fetch_model,
-    list_models,
-    load_model,
-)
+from actors.model_cache import CACHE_ENV, REGISTRY, GgufWheels, ModelError, ModelSource, fetch_model, list_models
+from actors.models import load_model
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2", "tiny-llama:7"])
@@ -96,7 +88,7 @@ def test_failed_verification_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def test_device_choice_is_checked():
-    from actors.models import ModelError, resolve_device
+    from actors.models import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

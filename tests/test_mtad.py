@@ -18,7 +18,6 @@ from actors.draft import Draft
 from actors.drafter import Feedback, NoDrafter
 from actors.engine import Engine
 from actors.methods import METHODS, MethodUnavailable, make_drafter
-from actors.models import load_model
 from actors.mtad import BeamTree, MtadDrafter, beam_sample
 from actors.sampling import SamplingParams, warp
 from actors.sd import sync_to_context
@@ -173,16 +172,6 @@ def test_beam_sampling_first_step_follows_q():
 
 
 # --- the drafter on tiny models -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def aux():
-    return load_model("tiny-llama:1")
-
 
 @pytest.fixture(scope="module")
 def engine(target):

@@ -6,22 +6,15 @@ The served path without Ray: RemoteDrafter -> protobuf -> DrafterHost.step over 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from actors.drafter import NoDrafter
 from actors.engine import Engine
-from actors.models import load_model
 from actors.sampling import SamplingParams
 from deploy.drafters import RemoteDrafter
 from specd_testing import OneReplica, TreeDrafter
 
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
 PROMPT = [5, 17, 99, 3]
-
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
 
 
 def _remote(handle) -> RemoteDrafter:

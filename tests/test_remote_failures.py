@@ -7,7 +7,6 @@ import pytest
 
 from actors.drafter import NoDrafter
 from actors.engine import Engine
-from actors.models import load_model
 from actors.sampling import SamplingParams
 from deploy.drafters import DraftLink, DrafterHost, RemoteDrafter
 from specd_testing import OneReplica, TreeDrafter
@@ -53,11 +52,6 @@ class _FailingCall:
 
     def remote(self, *args):
         return self.response
-
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
 
 
 @pytest.fixture(scope="module")

