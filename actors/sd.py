@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from actors.draft import Draft
 from actors.drafter import BaseDrafter, Feedback
-from actors.kv import BatchKV, KVSequence, RowInput, Slot, causal_row
+from actors.kv import BatchKV, RowInput, Slot, causal_row
 from actors.sampling import SamplingParams, warp
 
 
@@ -65,22 +65,6 @@ def sample_at(q: torch.Tensor, u: float) -> int:
     idx = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device),
                                  right=True))
     return min(idx, q.shape[0] - 1)
-
-
-def sync_to_context(kv: KVSequence, context: Sequence[int]) -> torch.Tensor:
-    """Make ``kv`` cache exactly ``context`` and return the logits at its last token.
-
-    Keeps the longest common prefix (the accepted draft tokens are usually already cached) and feeds
-    the rest; the last token is always fed so its logits come back.
-    """
-    context = [int(t) for t in context]
-    common = 0
-    for a, b in zip(kv.cached_ids, context[:-1]):
-        if a != b:
-            break
-        common += 1
-    kv.crop(common)
-    return kv.extend(context[common:])[-1]
 
 
 class ModelDrafter(BaseDrafter):
@@ -132,12 +116,12 @@ class ModelDrafter(BaseDrafter):
         with self._lock:
             for i, (request_id, context, max_nodes) in enumerate(items):
                 try:
-                    row = self._row(request_id, context, max_nodes, [r for _, r in rows])
+                    st = checked_state(self._requests, request_id, context, [r.state for _, r in rows])
                 except (KeyError, ValueError) as e:
                     out[i] = e
                     continue
-                if row.n:
-                    rows.append((i, row))
+                if min(st.gamma, max_nodes) >= 1:
+                    rows.append((i, _Row(st, [int(t) for t in context], min(st.gamma, max_nodes))))
             if rows:
                 try:
                     drafts = draft_chains(self.kv, [r for _, r in rows])
@@ -146,17 +130,6 @@ class ModelDrafter(BaseDrafter):
                 for (i, _), d in zip(rows, drafts):
                     out[i] = d
         return out
-
-    def _row(self, request_id: str, context: np.ndarray, max_nodes: int, taken: list[_Row]) -> _Row:
-        st = self._requests.get(request_id)
-        if st is None:
-            raise KeyError(f"request {request_id!r} was not started")
-        if any(r.state is st for r in taken):
-            raise ValueError(f"request {request_id!r} is twice in one batch")
-        context = [int(t) for t in context]
-        if not context:
-            raise ValueError("an empty context has no pending token to draft after")
-        return _Row(st, context, max(0, min(st.gamma, max_nodes)))
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         pass  # the next propose() re-syncs the cache to the committed context
@@ -176,6 +149,18 @@ class _Row:
     state: _State
     context: list[int]  # the committed context; its last token is pending (not cached yet)
     n: int  # tokens to draft
+
+
+def checked_state(requests: dict, request_id: str, context: np.ndarray, taken: list) -> object:
+    """The state of one item of a batch (a KeyError or ValueError that fails that item alone)."""
+    st = requests.get(request_id)
+    if st is None:
+        raise KeyError(f"request {request_id!r} was not started")
+    if any(t is st for t in taken):
+        raise ValueError(f"request {request_id!r} is twice in one batch")
+    if not len(context):
+        raise ValueError("an empty context has no pending token to draft after")
+    return st
 
 
 def draft_chains(kv: BatchKV, rows: list[_Row]) -> list[Draft]:

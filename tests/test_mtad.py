@@ -21,7 +21,7 @@ from actors.methods import METHODS, MethodUnavailable, make_drafter
 from actors.models import load_model
 from actors.mtad import BeamTree, MtadDrafter, beam_sample
 from actors.sampling import SamplingParams, warp
-from actors.sd import sync_to_context
+from actors.sd import sync_rows
 from specd_testing import exact_pair_distribution
 
 NEG = -math.inf
@@ -223,10 +223,10 @@ def test_draft_cache_rollback_matches_fresh_forward(aux, keep_all):
         accepted = draft.path_to(leaf)[: 1 + step % 3]
         new = draft.tokens[accepted].tolist() + [11 + step]
         drafter.observe("r", Feedback(draft, accepted, new))
-        kv = drafter._requests["r"].kv
-        assert kv.cached_ids == context + new[: len(kv.cached_ids) - len(context)]
+        slot = drafter._requests["r"].slot
+        assert slot.ids == context + new[: len(slot.ids) - len(context)]
         context += new
-        torch.testing.assert_close(sync_to_context(kv, context), _fresh_logits(aux.model, context),
+        torch.testing.assert_close(sync_rows(drafter.kv, [(slot, context)])[0], _fresh_logits(aux.model, context),
                                    atol=1e-4, rtol=1e-4)
 
 
