@@ -12,7 +12,7 @@ rows come and go, never slots x maximum context. Slots stay contiguous: freeing 
 into it, so a step's forward always covers one slice of the buffers (a view, no copy).
 
 Rolling back is moving a length; keeping an accepted tree path rewrites one row's tail (one gather per
-layer). :class:`KVSequence` is the one-slot case that drafter models use.
+layer). :class:`KVSequence` is the one-slot case (the tests' per-sequence reference).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class BatchKV(Cache):
 
 
 class KVSequence:
-    """One sequence's cache (a one-slot :class:`BatchKV`): what drafter models and ``specd profile`` use."""
+    """One sequence's cache (a one-slot :class:`BatchKV`): the per-sequence reference tests check batches against."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
