@@ -229,7 +229,7 @@ class MtadDrafter(BaseDrafter):
         return out
 
     def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
-        out: list[Draft | BaseException] = [Draft.empty()] * len(items)
+        out: list[Draft | BaseException] = [Draft.empty() for _ in items]
         rows: list[tuple[int, _Row]] = []
         with self._lock:
             for i, (request_id, context, max_nodes) in enumerate(items):
@@ -254,7 +254,7 @@ class MtadDrafter(BaseDrafter):
 
     def _draft(self, rows: list[_Row]) -> list[Draft]:
         """Every row's beam sampling, expanded in lockstep: one draft forward per depth for all rows."""
-        first = sync_rows(self.kv, [(r.state.slot, r.context) for r in rows])
+        first = sync_rows(self.kv, [(r.state.slot, r.context) for r in rows], 1 + max(r.gamma for r in rows))
         steps, trees, asked = {}, [None] * len(rows), {}
         for j, (row, logits) in enumerate(zip(rows, first)):
             row.base = len(row.state.slot)

@@ -111,7 +111,7 @@ class ModelDrafter(BaseDrafter):
         return out
 
     def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
-        out: list[Draft | BaseException] = [Draft.empty()] * len(items)
+        out: list[Draft | BaseException] = [Draft.empty() for _ in items]
         rows: list[tuple[int, _Row]] = []
         with self._lock:
             for i, (request_id, context, max_nodes) in enumerate(items):
@@ -165,7 +165,8 @@ def checked_state(requests: dict, request_id: str, context: np.ndarray, taken: l
 
 def draft_chains(kv: BatchKV, rows: list[_Row]) -> list[Draft]:
     """Each row's chain of ``row.n`` tokens in ``max(n)`` forwards: one sync, then ``[rows, 1]`` steps."""
-    logits = dict(enumerate(sync_rows(kv, [(r.state.slot, r.context) for r in rows])))  # row -> [vocab]
+    synced = sync_rows(kv, [(r.state.slot, r.context) for r in rows], 1 + max(r.state.gamma for r in rows))
+    logits = dict(enumerate(synced))  # row -> [vocab] at its pending token
     tokens: list[list[int]] = [[] for _ in rows]
     qs: list[list[torch.Tensor]] = [[] for _ in rows]
     for depth in range(max(r.n for r in rows)):
@@ -184,11 +185,14 @@ def draft_chains(kv: BatchKV, rows: list[_Row]) -> list[Draft]:
     return [Draft.chain(t, q=None if r.state.params.greedy else torch.stack(q)) for r, t, q in zip(rows, tokens, qs)]
 
 
-def sync_rows(kv: BatchKV, rows: list[tuple[Slot, list[int]]]) -> list[torch.Tensor]:
-    """Make each slot cache exactly its context, in ONE forward; returns the logits [vocab] at each last token.
+def sync_rows(kv: BatchKV, rows: list[tuple[Slot, list[int]]], short: int) -> list[torch.Tensor]:
+    """Make each slot cache exactly its context; returns the logits [vocab] at each last token.
 
     A row keeps its longest common prefix with the context (the accepted draft tokens are usually cached)
-    and feeds the rest; the last token is always fed so its logits come back.
+    and feeds the rest; the last token is always fed so its logits come back. Catch-ups of at most
+    ``short`` tokens (a step's accepted tokens and bonus) go in ONE forward; a longer one (a new prompt, a
+    rebuilt request) is fed alone first up to its last token, since rows are padded to the longest and
+    every row would pay for it.
     """
     inputs = []
     for slot, context in rows:
@@ -198,5 +202,8 @@ def sync_rows(kv: BatchKV, rows: list[tuple[Slot, list[int]]]) -> list[torch.Ten
                 break
             common += 1
         kv.crop(slot, common)
+        if len(context) - common > short:
+            kv.forward([RowInput(slot, *causal_row(common, context[common:-1]))], logits=False)
+            common = len(context) - 1
         inputs.append(RowInput(slot, *causal_row(common, context[common:])))
     return [o[-1] for o in kv.forward(inputs)]

@@ -112,14 +112,16 @@ def test_a_bad_item_fails_alone(draft_lm):
 
 
 class _CountForwards:
-    """Counts the draft model's forwards (a hook on its decoder, which every BatchKV forward runs once)."""
+    """Counts the draft model's forwards (a hook on its decoder, which every BatchKV forward runs once) and
+    records each one's input shape [rows, tokens per row]."""
 
     def __init__(self, model) -> None:
-        self.calls = 0
-        self._hook = model.base_model.register_forward_hook(self._count)
+        self.calls, self.shapes = 0, []
+        self._hook = model.base_model.register_forward_hook(self._count, with_kwargs=True)
 
-    def _count(self, *_) -> None:
+    def _count(self, module, args, kwargs, output) -> None:
         self.calls += 1
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
 
     def close(self) -> None:
         self._hook.remove()
@@ -147,9 +149,11 @@ def test_an_engine_step_runs_gamma_draft_forwards_for_the_whole_batch():
     finally:
         counter.close()
     assert [outputs[r] for r in rids] == alone
-    full = [calls for calls, proposed in per_step if proposed == gamma * len(prompts)]  # no row capped
+    # The first step also feeds each prompt longer than a step's catch-up to the draft model, alone.
+    assert per_step[0] == (gamma + sum(len(p) > gamma + 1 for p in prompts), gamma * len(prompts))
+    full = [calls for calls, proposed in per_step[1:] if proposed == gamma * len(prompts)]  # no row capped
     assert len(full) >= 2 and set(full) == {gamma}
-    assert all(calls <= gamma for calls, _ in per_step)
+    assert all(calls <= gamma for calls, _ in per_step[1:])
 
 
 @pytest.mark.parametrize("keep_all", [False, True], ids=["mtad", "mmtad"])
@@ -210,6 +214,15 @@ def test_one_draft_forward_per_depth_for_the_whole_batch(draft_lm, method):
             for i, c in enumerate(contexts):
                 drafters[name].start(f"r{i}", c, SAMPLED.model_copy(update={"seed": i}))
         items = [(f"r{i}", np.array(c), gamma) for i, c in enumerate(contexts)]
+        before = counter.calls
+        first = drafters["batched"].propose_batch(items)  # the prompts' first sync
+        # the prompts longer than a step's catch-up go alone first: no row is padded to 30 tokens
+        long = sum(len(c) > gamma + 1 for c in contexts)
+        assert counter.calls - before == gamma + long
+        assert all(q <= gamma + 1 for rows, q in counter.shapes[before:] if rows > 1)
+        [drafters["each"].propose(*item) for item in items]
+        # a step later: one token of each draft accepted, then the bonus
+        items = [(rid, np.concatenate([c, d.tokens[:1], [9]]), gamma) for (rid, c, _), d in zip(items, first)]
         before = counter.calls
         batched = drafters["batched"].propose_batch(items)
         assert counter.calls - before == gamma

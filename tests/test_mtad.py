@@ -226,8 +226,8 @@ def test_draft_cache_rollback_matches_fresh_forward(aux, keep_all):
         slot = drafter._requests["r"].slot
         assert slot.ids == context + new[: len(slot.ids) - len(context)]
         context += new
-        torch.testing.assert_close(sync_rows(drafter.kv, [(slot, context)])[0], _fresh_logits(aux.model, context),
-                                   atol=1e-4, rtol=1e-4)
+        synced = sync_rows(drafter.kv, [(slot, context)], 1)[0]
+        torch.testing.assert_close(synced, _fresh_logits(aux.model, context), atol=1e-4, rtol=1e-4)
 
 
 def test_mmtad_tree_verified_in_one_forward_matches_separate_forwards(target, aux):
