@@ -6,7 +6,8 @@ from the flattened joint ``exp(log w_beam + log q(token | beam))``, where ``log 
 log q (log-weights, not the authors' first softmax-over-probabilities version). Sampling is *without*
 replacement (Gumbel top-k), so beams never duplicate; ``q`` is ``warp`` of the draft's logits, the same
 temperature / top-k / top-p as the target's ``p``. All ``w`` beams of a depth are evaluated in ONE draft
-forward, as a tree (each beam attends to the context and its own ancestors).
+forward, as a tree (each beam attends to the context and its own ancestors), and so are every other
+request's of the step: one BatchKV holds a slot per request, so a step costs ``gamma`` draft forwards.
 
 * ``mtad`` keeps the highest-weight beam as a chain; the engine accepts it with
   :func:`actors.acceptance.accept_mtad` (the longest prefix whose joint ratio ``p/q`` exceeds ``tau``).
