@@ -98,7 +98,7 @@ class BatchKV(Cache):
         last = self.slots.pop()
         if last is not slot:
             for layer in self.layers:
-                if layer.keys is not None:
+                if layer.keys is not None and last.row < layer.keys.shape[0]:  # else never written: nothing held
                     layer.keys[slot.row].copy_(layer.keys[last.row])
                     layer.values[slot.row].copy_(layer.values[last.row])
             last.row = slot.row

@@ -111,6 +111,24 @@ def test_a_bad_item_fails_alone(draft_lm):
         drafter.propose("nobody", np.array([4, 5]), 3)
 
 
+def test_freeing_a_slot_when_the_last_one_was_never_written(draft_lm):
+    """A request started but not yet drafted holds a row past the buffers (they grow at a forward): freeing
+    another request moves that row into the gap without copying, and both drafters' states stay right."""
+    drafter = ModelDrafter(draft_lm.model, gamma=2)
+    drafter.start("a", [5, 6, 7], GREEDY)
+    drafter.propose("a", np.array([5, 6, 7]), 2)  # buffers for 1 slot + headroom: 2 rows
+    drafter.start("b", [1], GREEDY)
+    drafter.start("c", [2, 3], GREEDY)  # row 2: beyond the buffers until the next forward
+    drafter.finish("a")
+    assert [drafter._requests[r].slot.row for r in ("b", "c")] == [1, 0]
+    fresh = ModelDrafter(draft_lm.model, gamma=2)
+    for rid, ctx in (("b", [1, 4]), ("c", [2, 3, 4])):
+        fresh.start(rid, ctx, GREEDY)
+    got = drafter.propose_batch([("b", np.array([1, 4]), 2), ("c", np.array([2, 3, 4]), 2)])
+    want = fresh.propose_batch([("b", np.array([1, 4]), 2), ("c", np.array([2, 3, 4]), 2)])
+    assert [d.tokens.tolist() for d in got] == [d.tokens.tolist() for d in want]
+
+
 class _CountForwards:
     """Counts the draft model's forwards (a hook on its decoder, which every BatchKV forward runs once) and
     records each one's input shape [rows, tokens per row]."""
