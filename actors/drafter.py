@@ -1,7 +1,9 @@
 """The contract between the decode engine and every drafter.
 
 A drafter is a library: it knows nothing of Ray, gRPC, Redis or the verifier. The engine drives a
-request through ``start -> (propose -> observe)* -> finish``.
+request through ``start -> (propose -> observe)* -> finish``; a step's requests of one non-blocking drafter
+are proposed together through ``propose_batch`` (a draft model then runs one forward per depth for all of
+them, not one per request and depth).
 
 Everything the engine and the serving layer read off a drafter is in :class:`Drafter`; nothing is read with
 a fallback. :class:`BaseDrafter` holds the defaults (exact acceptance, no ``tau``, no per-request options,
@@ -71,6 +73,8 @@ class Drafter(Protocol):
     tau: float | None
     #: The :class:`DraftOptions` fields ``with_options`` takes.
     options: tuple[str, ...]
+    #: Requests whose drafters have the same key (compared with ``is``) share one ``propose_batch`` call.
+    batch_key: object
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None: ...
 
@@ -79,6 +83,16 @@ class Drafter(Protocol):
 
         A draft with ``p_accept`` may be verified only in part (a prefix, chosen by the batch budget);
         ``Feedback.draft`` is then that prefix.
+        """
+        ...
+
+    def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
+        """``propose`` for each ``(request_id, context, max_nodes)``, in order, in as few model forwards as it
+        can; item i's draft, or the exception that ends request i alone (the others' drafts still count).
+
+        The engine calls it on the drafter of ``items[0]`` for every request whose drafter has the same
+        ``batch_key``: a drafter proposes for requests started through any view of it (``with_options``)
+        with the options each was started with.
         """
         ...
 
@@ -92,7 +106,8 @@ class Drafter(Protocol):
 
 
 class BaseDrafter:
-    """The protocol's defaults: exact acceptance, no tau, no per-request options, no target top-k."""
+    """The protocol's defaults: exact acceptance, no tau, no per-request options, no target top-k, and a
+    ``propose_batch`` that proposes one request after the other (its own group: ``batch_key`` is itself)."""
 
     target_topk: int = 0
     blocking: bool = False
@@ -100,8 +115,26 @@ class BaseDrafter:
     tau: float | None = None
     options: tuple[str, ...] = ()
 
+    @property
+    def batch_key(self) -> object:
+        return self
+
+    def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
+        return propose_each(self, items)
+
     def with_options(self, **options) -> Drafter:
         raise ValueError(f"{', '.join(sorted(options))}: this method takes no per-request options")
+
+
+def propose_each(drafter: Drafter, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
+    """``propose_batch`` as one ``propose`` after the other; a request's exception is its item."""
+    out: list[Draft | BaseException] = []
+    for request_id, context, max_nodes in items:
+        try:
+            out.append(drafter.propose(request_id, context, max_nodes))
+        except Exception as e:  # noqa: BLE001 - this request's failure is its own
+            out.append(e)
+    return out
 
 
 def with_options(drafter: Drafter, **options) -> Drafter:

@@ -201,16 +201,21 @@ class Engine:
         return ready
 
     def _draft(self, live: list[_Request], events: list) -> dict[str, Draft]:
-        """Each live request's draft; blocking (remote) drafters are called concurrently."""
+        """Each live request's draft: blocking (remote) drafters are called concurrently, the others batched
+        (one ``propose_batch`` per ``batch_key``, so a draft model runs one forward per depth for all)."""
         t = time.perf_counter()
         remote = [r for r in live if r.drafter.blocking]
         if remote and self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.max_batch, thread_name_prefix="draft")
         futures = {r.id: self._pool.submit(self._propose, r) for r in remote}
+        results = self._propose_batched([r for r in live if not r.drafter.blocking])
         drafts: dict[str, Draft] = {}
         for req in live:
             try:
-                drafts[req.id] = futures[req.id].result() if req.id in futures else self._propose(req)
+                out = futures[req.id].result() if req.id in futures else results[req.id]
+                if isinstance(out, BaseException):
+                    raise out
+                drafts[req.id] = out
             except Exception as e:  # noqa: BLE001 - a drafter error ends its request alone
                 events.append((req.id, self._fail(req, e)))
         dt = time.perf_counter() - t
@@ -219,11 +224,44 @@ class Engine:
         return drafts
 
     def _propose(self, req: _Request) -> Draft:
-        remaining = req.params.max_new_tokens - len(req.output) - 1  # the bonus token is free
-        cap = max(0, min(self.config.max_draft_tokens, self.verifier.room(req.seq), remaining))
+        cap = self._cap(req)
         if not cap:
             return Draft.empty()
-        draft = req.drafter.propose(req.id, np.asarray(req.seq.tokens, np.int64), cap)
+        return self._checked(req, req.drafter.propose(req.id, np.asarray(req.seq.tokens, np.int64), cap), cap)
+
+    def _propose_batched(self, reqs: list[_Request]) -> dict[str, Draft | BaseException]:
+        """One ``propose_batch`` call per group of requests whose drafters share a ``batch_key``."""
+        groups: list[list[tuple[_Request, int]]] = []
+        out: dict[str, Draft | BaseException] = {}
+        for req in reqs:
+            cap = self._cap(req)
+            if not cap:
+                out[req.id] = Draft.empty()
+                continue
+            group = next((g for g in groups if g[0][0].drafter.batch_key is req.drafter.batch_key), None)
+            if group is None:
+                groups.append(group := [])
+            group.append((req, cap))
+        for group in groups:
+            items = [(r.id, np.asarray(r.seq.tokens, np.int64), cap) for r, cap in group]
+            try:
+                drafts = group[0][0].drafter.propose_batch(items)
+                if len(drafts) != len(items):
+                    raise RuntimeError(f"drafter returned {len(drafts)} drafts for {len(items)} requests")
+            except Exception as e:  # noqa: BLE001 - the whole call failed: each of its requests ends
+                drafts = [e] * len(items)
+            for (req, cap), d in zip(group, drafts):
+                try:
+                    out[req.id] = d if isinstance(d, BaseException) else self._checked(req, d, cap)
+                except Exception as e:  # noqa: BLE001 - an oversized draft is its request's error
+                    out[req.id] = e
+        return out
+
+    def _cap(self, req: _Request) -> int:
+        remaining = req.params.max_new_tokens - len(req.output) - 1  # the bonus token is free
+        return max(0, min(self.config.max_draft_tokens, self.verifier.room(req.seq), remaining))
+
+    def _checked(self, req: _Request, draft: Draft, cap: int) -> Draft:
         if len(draft) > cap:
             raise RuntimeError(f"drafter returned {len(draft)} nodes over its cap of {cap}")
         if len(draft) and not (0 <= draft.tokens.min() and draft.tokens.max() < self.vocab_size):

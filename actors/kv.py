@@ -12,7 +12,7 @@ rows come and go, never slots x maximum context. Slots stay contiguous: freeing 
 into it, so a step's forward always covers one slice of the buffers (a view, no copy).
 
 Rolling back is moving a length; keeping an accepted tree path rewrites one row's tail (one gather per
-layer). :class:`KVSequence` is the one-slot case that drafter models use.
+layer). :class:`KVSequence` is the one-slot case (the tests' per-sequence reference).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class BatchKV(Cache):
         last = self.slots.pop()
         if last is not slot:
             for layer in self.layers:
-                if layer.keys is not None:
+                if layer.keys is not None and last.row < layer.keys.shape[0]:  # else never written: nothing held
                     layer.keys[slot.row].copy_(layer.keys[last.row])
                     layer.values[slot.row].copy_(layer.values[last.row])
             last.row = slot.row
@@ -232,7 +232,7 @@ class BatchKV(Cache):
 
 
 class KVSequence:
-    """One sequence's cache (a one-slot :class:`BatchKV`): what drafter models and ``specd profile`` use."""
+    """One sequence's cache (a one-slot :class:`BatchKV`): the per-sequence reference tests check batches against."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model

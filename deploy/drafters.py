@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from actors.draft import Draft
-from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, with_options
+from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, propose_each, with_options
 from actors.methods import MethodUnavailable, make_drafter
 from actors.models import LoadedModel, TargetTokenizer
 from actors.sampling import SamplingParams
@@ -225,6 +225,13 @@ class RemoteDrafter:
                         str(e)[:200], self.link.retry_s)
             return Draft.empty()
         return self._checked(reply, max_nodes)
+
+    @property
+    def batch_key(self) -> object:
+        return self  # blocking: the engine calls propose concurrently instead
+
+    def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
+        return propose_each(self, items)
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         self._requests[request_id].feedback = feedback

@@ -20,7 +20,7 @@ from actors.engine import Engine
 from actors.methods import METHODS, MethodUnavailable, make_drafter
 from actors.mtad import BeamTree, MtadDrafter, beam_sample
 from actors.sampling import SamplingParams, warp
-from actors.sd import sync_to_context
+from actors.sd import sync_rows
 from specd_testing import exact_pair_distribution
 
 NEG = -math.inf
@@ -212,11 +212,11 @@ def test_draft_cache_rollback_matches_fresh_forward(aux, keep_all):
         accepted = draft.path_to(leaf)[: 1 + step % 3]
         new = draft.tokens[accepted].tolist() + [11 + step]
         drafter.observe("r", Feedback(draft, accepted, new))
-        kv = drafter._requests["r"].kv
-        assert kv.cached_ids == context + new[: len(kv.cached_ids) - len(context)]
+        slot = drafter._requests["r"].slot
+        assert slot.ids == context + new[: len(slot.ids) - len(context)]
         context += new
-        torch.testing.assert_close(sync_to_context(kv, context), _fresh_logits(aux.model, context),
-                                   atol=1e-4, rtol=1e-4)
+        synced = sync_rows(drafter.kv, [(slot, context)], 1)[0]
+        torch.testing.assert_close(synced, _fresh_logits(aux.model, context), atol=1e-4, rtol=1e-4)
 
 
 def test_mmtad_tree_verified_in_one_forward_matches_separate_forwards(target, aux):
