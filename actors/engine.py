@@ -28,7 +28,7 @@ from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
 from actors.models import LoadedModel
 from actors.sampling import SamplingParams, warp
-from actors.stats import GenerationStats, StepInfo
+from actors.stats import Generation, GenerationStats, RequestFailed, StepInfo, StepOutput, collect
 from actors.verifier import TargetSequence, Verifier
 
 
@@ -57,26 +57,6 @@ class EngineConfig(BaseModel):
         if self.tp_size > 1 and self.backend != "deepspeed":
             raise ValueError("tp_size > 1 needs backend 'deepspeed'")
         return self
-
-
-@dataclass
-class StepOutput:
-    token_ids: list[int]  # newly committed output tokens (after EOS / length / stop cuts)
-    text: str  # text delta
-    finish_reason: str | None  # None while running; "stop" (EOS or stop string) or "length"
-    stats: GenerationStats
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    stats: GenerationStats
-
-
-class RequestFailed(RuntimeError):
-    """One request's drafter or acceptance failed; the request ended, the batch went on."""
 
 
 @dataclass(eq=False)
@@ -231,18 +211,14 @@ class Engine:
 
     def _propose_batched(self, reqs: list[_Request]) -> dict[str, Draft | BaseException]:
         """One ``propose_batch`` call per group of requests whose drafters share a ``batch_key``."""
-        groups: list[list[tuple[_Request, int]]] = []
         out: dict[str, Draft | BaseException] = {}
+        groups: dict[int, list[tuple[_Request, int]]] = {}
         for req in reqs:
-            cap = self._cap(req)
-            if not cap:
+            if cap := self._cap(req):
+                groups.setdefault(id(req.drafter.batch_key), []).append((req, cap))
+            else:
                 out[req.id] = Draft.empty()
-                continue
-            group = next((g for g in groups if g[0][0].drafter.batch_key is req.drafter.batch_key), None)
-            if group is None:
-                groups.append(group := [])
-            group.append((req, cap))
-        for group in groups:
+        for group in groups.values():
             items = [(r.id, np.asarray(r.seq.tokens, np.int64), cap) for r, cap in group]
             try:
                 drafts = group[0][0].drafter.propose_batch(items)
@@ -365,7 +341,7 @@ class Engine:
             self.abort(rid)
 
     def run(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter) -> Generation:
-        return _collect(self.generate(prompt_ids, params, drafter))
+        return collect(self.generate(prompt_ids, params, drafter))
 
     def run_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  drafter: Drafter, concurrency: int | None = None) -> list[Generation | BaseException]:
@@ -386,7 +362,7 @@ class Engine:
                 else:
                     outputs[rid].append(out)
                     if out.finish_reason:
-                        results[rid] = _collect(iter(outputs.pop(rid)))
+                        results[rid] = collect(iter(outputs.pop(rid)))
         return [results[rid] for rid in order]
 
     def close(self) -> None:
@@ -396,15 +372,6 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.verifier.close()
-
-
-def _collect(outputs: Iterator[StepOutput]) -> Generation:
-    ids, text, reason, stats = [], [], "length", GenerationStats()
-    for out in outputs:
-        ids += out.token_ids
-        text.append(out.text)
-        reason, stats = out.finish_reason or reason, out.stats
-    return Generation(ids, "".join(text), reason, stats)
 
 
 def default_cost(target: LoadedModel) -> CostModel:

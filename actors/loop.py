@@ -17,7 +17,8 @@ import threading
 from typing import Callable, Sequence
 
 from actors.drafter import Drafter
-from actors.engine import Engine, StepOutput
+from actors.engine import Engine
+from actors.stats import StepOutput
 from actors.sampling import SamplingParams
 from actors.stats import StepInfo
 

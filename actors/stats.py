@@ -1,8 +1,10 @@
-"""What the engine reports: per-request generation stats and per-step batch shape."""
+"""What the engine reports: each step's output per request, whole generations, per-request stats and
+per-step batch shape."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 
 @dataclass
@@ -53,3 +55,33 @@ class StepInfo:
     proposed: int  # draft nodes the drafters offered
     verified: int  # draft nodes the batch budget kept
     tokens: int  # query tokens fed, padding included: rows x (1 + longest kept draft)
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]  # newly committed output tokens (after EOS / length / stop cuts)
+    text: str  # text delta
+    finish_reason: str | None  # None while running; "stop" (EOS or stop string) or "length"
+    stats: GenerationStats
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: GenerationStats
+
+
+class RequestFailed(RuntimeError):
+    """One request's drafter or acceptance failed; the request ended, the batch went on."""
+
+
+def collect(outputs: Iterator[StepOutput]) -> Generation:
+    """A request's step outputs joined into its whole generation."""
+    ids, text, reason, stats = [], [], "length", GenerationStats()
+    for out in outputs:
+        ids += out.token_ids
+        text.append(out.text)
+        reason, stats = out.finish_reason or reason, out.stats
+    return Generation(ids, "".join(text), reason, stats)

@@ -9,7 +9,7 @@ import torch
 
 from actors.draft import Draft
 from actors.drafter import DraftOptions, Feedback
-from actors.engine import GenerationStats, StepOutput
+from actors.stats import GenerationStats, StepOutput
 from actors.sampling import SamplingParams
 from deploy.request import GenerationRequest, validated
 from specd_api.v1 import specd_pb2 as pb

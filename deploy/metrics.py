@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from ray.serve import metrics
 
-from actors.engine import GenerationStats
+from actors.stats import GenerationStats
 from actors.stats import StepInfo
 
 PREFIX = "specd_"

@@ -20,7 +20,8 @@ from typing import AsyncIterator
 import torch
 
 from actors.drafter import Drafter, NoDrafter, with_options
-from actors.engine import Engine, StepOutput
+from actors.engine import Engine
+from actors.stats import StepOutput
 from actors.loop import EngineLoop
 from actors.methods import METHODS
 from actors.models import load_model

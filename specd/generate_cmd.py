@@ -202,7 +202,7 @@ def _generate(args, prompts: list[str], params, config) -> int:
 def _run_one(engine, ids, params, drafter, stream: bool):
     if not stream:
         return engine.run(ids, params, drafter)
-    from actors.engine import Generation
+    from actors.stats import Generation
 
     tokens, text, reason, stats = [], [], "length", None
     for out in engine.generate(ids, params, drafter):

@@ -18,7 +18,8 @@ from actors.budget import choose_batch_budget
 from actors.cost import CostModel
 from actors.draft import Draft
 from actors.drafter import NoDrafter
-from actors.engine import Engine, EngineConfig, RequestFailed
+from actors.engine import Engine, EngineConfig
+from actors.stats import RequestFailed
 from actors.kv import BatchKV, KVSequence, RowInput, causal_row, tree_row
 from actors.mtad import MtadDrafter
 from actors.sampling import SamplingParams, warp
