@@ -308,6 +308,8 @@ def test_recycler_offers_the_newest_row_after_each_token():
     assert rec.successors(7, 13) == ([40, 41, 42], [0.5, 0.2, 0.1])  # keyed by one token: any predecessor
     rec.observe(9, np.array([13]), torch.tensor([[1, 2, 3, 4], [50, 51, 52, 53]]))
     assert rec.successors(0, 13)[0] == [50, 51, 52]  # the newest forward replaces the row
+    rec.observe(13, np.zeros(0, np.int64), torch.tensor([[60]]))  # a narrower row replaces it whole
+    assert rec.successors(0, 13) == ([60], [0.5])
     rec.observe(V + 5, np.zeros(0, np.int64), torch.tensor([[1, 2, 3, 4]]))  # out of vocabulary: ignored
     assert not Recycler(RecycleConfig(enabled=False), V, 8).active
 

@@ -54,11 +54,13 @@ class Recycler:
         rows with no known id (the simulator's rejected branches) are skipped."""
         if not self.active:
             return
-        top = target_topk[:, : self.k].numpy()
+        given = target_topk[:, : self.k].numpy()
+        top = np.full((len(given), self.k), -1, np.int32)  # a narrower row leaves nothing of the old one
+        top[:, : given.shape[1]] = given
         keys = np.concatenate([[pending], np.asarray(draft_tokens, np.int64)])[: len(top)]
         known = (top >= 0).any(axis=1) & (keys >= 0) & (keys < len(self.rows))
         if known.any():
-            self.rows[keys[known], : top.shape[1]] = top[known]  # later rows win, as the newest forward should
+            self.rows[keys[known]] = top[known]  # later rows win, as the newest forward should
 
     def successors(self, _a: int, b: int) -> tuple[list[int], list[float]]:
         if not 0 <= b < len(self.rows):
