@@ -24,7 +24,8 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.aded.budget import HISTORY, MCTS, NGRAM, RECYCLE, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
+from actors.aded.budget import (HISTORY, MCTS, NGRAM, RECYCLE, SUFFIX, BudgetConfig, Calibrator, CostTable,
+                                choose_budget)
 from actors.aded.history import History, HistoryConfig
 from actors.aded.jit_search import CompiledSearch, SearchCache
 from actors.aded.mcts import MctsConfig, mcts_paths
@@ -45,7 +46,8 @@ class AdedConfig(BaseModel):
 
     search: Literal["best_first", "mcts", "none"] = Field(
         "best_first", description="How n-gram candidates are found: the most probable paths (best_first), "
-        "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching only). "
+        "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching and "
+        "recycled top-k only). "
         "`specd bench --suite search` compares them.")
     compiled: bool = Field(True, description="Run the search compiled (numba, actors.aded.jit_search); False "
                            "runs the Python reference it is tested against (same trees, slower).")

@@ -10,8 +10,9 @@ other source offers it).
 
 The tree is best-first over the adjacency with a fixed prior per rank (``rank_probs``): a node's
 confidence is the product of its path's rank priors; the calibrator learns what that is worth.
-Memory is fixed (``vocab * k`` int32) whatever requests send; rows are written without a lock (a torn row is
-only a different candidate set, and every tree is lossless).
+Memory is fixed (``vocab * k`` int32) whatever requests send; rows are written without a lock (a torn row
+is only a different candidate set, and every tree is lossless). The adjacency lives in the drafter's
+process, shared by its requests; unlike the store it is not shared across replicas.
 """
 
 from __future__ import annotations
