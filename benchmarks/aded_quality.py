@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT)]
 
 from actors.aded.corpus import default_matrix_path  # noqa: E402
 from actors.aded.drafter import AdedDrafter  # noqa: E402
-from actors.aded.simulator import load_traces, replay, shipped_traces  # noqa: E402
+from actors.aded.simulator import Trace, load_traces, replay, shipped_traces  # noqa: E402
 from actors.aded.trigram import TrigramMatrix  # noqa: E402
 from actors.cost import CostModel  # noqa: E402
 from actors.methods import aded_config  # noqa: E402
@@ -31,6 +31,20 @@ from shared_state import MemoryStore, StoreConfig  # noqa: E402
 from specd.bench.search import MAX_NODES, SEARCHES, split_tuning  # noqa: E402
 
 SMOLLM2 = "237d1306abb03682"  # SmolLM2's tokenizer identity: its matrix and shipped traces
+
+
+def trace_sets(identity: str, extra: list[str]) -> dict[str, list[Trace]]:
+    """The shipped tuning traces (``tuning-chat`` / ``tuning-code``) and each ``NAME=PATH`` of ``extra``."""
+    sets = {}
+    shipped = shipped_traces(identity)
+    if shipped is not None:
+        sets.update(split_tuning(load_traces(shipped)))
+    for item in extra:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--traces takes NAME=PATH, not {item!r}")
+        sets[name] = load_traces(path)
+    return sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no tri-gram matrix at {path}: build it with `specd ngrams build`", file=sys.stderr)
         return 2
     matrix = TrigramMatrix.load(path)
-    sets = {}
-    shipped = shipped_traces(args.identity)
-    if shipped is not None:
-        sets.update(split_tuning(load_traces(shipped)))
-    for item in args.traces:
-        name, _, p = item.partition("=")
-        sets[name] = load_traces(p)
+    sets = trace_sets(args.identity, args.traces)
     configs = {"config": json.loads(args.config)} if args.config else SEARCHES
     flat = CostModel.flat()
     result = {"max_nodes": MAX_NODES, "cost_curve": "flat", "command": " ".join(sys.argv), "figures": {}}
