@@ -21,8 +21,8 @@ class MethodSpec(NamedTuple):
 METHODS: dict[str, MethodSpec] = {name: MethodSpec(*spec) for name, spec in {
     "ar": (True, "plain autoregressive decoding (the baseline)"),
     "sd": (True, "standard speculative decoding with an auxiliary draft model (lossless)"),
-    "aded": (True, "ADED: adaptive tri-gram matrix + context matching, draft trees searched best-first or by "
-                   "MCTS, no draft model (lossless)"),
+    "aded": (True, "ADED: adaptive tri-gram matrix + context matching + the target's recycled top-k, draft "
+                   "trees searched best-first or by MCTS, no draft model (lossless)"),
     "mtad": (False, "MTAD: auxiliary-model multi-token joint decoding (APPROXIMATE by design)"),
     "mmtad": (False, "MMTAD: MTAD keeping all beams as a draft tree (APPROXIMATE by design)"),
 }.items()}
@@ -79,7 +79,7 @@ def describe(method: str, options: dict | None = None) -> str:
     elif c.search == "best_first":
         how = f"best-first ({c.best_first.max_nodes} nodes on a steep cost curve, 64 on a flat one)"
     else:
-        how = "none (context matching only)"
+        how = f"none (context matching{' and recycled top-k' if c.recycle.enabled else ''} only)"
     return f"{text}; n-gram search: {how}"
 
 

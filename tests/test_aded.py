@@ -13,6 +13,7 @@ from actors.aded.budget import SUFFIX, BudgetConfig, Calibrator, choose_budget
 from actors.aded.drafter import AdedConfig, AdedDrafter
 from actors.aded.mcts import MctsConfig, mcts_paths, run_mcts
 from actors.aded.ngram import NGramConfig, NGramModel
+from actors.aded.recycle import RecycleConfig, Recycler
 from actors.aded.simulator import PromptLookupDrafter, Trace, accepted_path, replay
 from actors.aded.suffix import SuffixConfig, suffix_chains
 from actors.aded.trigram import TrigramMatrix, build_matrix
@@ -290,3 +291,41 @@ def test_shipped_smollm2_traces_load():
     traces = load_traces(path)
     assert len(traces) == 20 and all(len(t.topk) == len(t.output_ids) for t in traces)
     assert shipped_traces("no-such-tokenizer") is None
+
+
+def test_recycler_offers_the_newest_row_after_each_token():
+    rec = Recycler(RecycleConfig(rank_probs=(0.5, 0.2, 0.1)), vocab_size=V, k=8)  # rows as long as rank_probs
+    assert rec.k == 3 and rec.paths(5) == []  # nothing observed yet
+    draft = np.array([11, 12, 13])  # node 1 rejected: the simulator knows no row for it
+    rows = torch.tensor([[11, 20, 21, 22], [30, 31, 32, 33], [-1, -1, -1, -1], [40, 41, 42, 43]])
+    rec.observe(5, draft, rows)
+    nodes = rec.paths(5)
+    first = [(tok, conf) for parent, tok, conf in nodes if parent == -1]
+    assert first == [(11, 0.5), (20, 0.2), (21, pytest.approx(0.1))]  # row 0 follows the pending token
+    below = [tok for parent, tok, _ in nodes if parent == 0]
+    assert below == [30, 31, 32]  # node 11's row: keyed by its token, not by the path to it
+    assert rec.successors(-1, 12) == ([], [])
+    assert rec.successors(7, 13) == ([40, 41, 42], [0.5, 0.2, 0.1])  # keyed by one token: any predecessor
+    rec.observe(9, np.array([13]), torch.tensor([[1, 2, 3, 4], [50, 51, 52, 53]]))
+    assert rec.successors(0, 13)[0] == [50, 51, 52]  # the newest forward replaces the row
+    rec.observe(13, np.zeros(0, np.int64), torch.tensor([[60]]))  # a narrower row replaces it whole
+    assert rec.successors(0, 13) == ([60], [0.5])
+    rec.observe(V + 5, np.zeros(0, np.int64), torch.tensor([[1, 2, 3, 4]]))  # out of vocabulary: ignored
+    assert not Recycler(RecycleConfig(enabled=False), V, 8).active
+
+
+def test_recycled_row_leads_the_draft_in_a_new_state(matrix):
+    # The store keys the target's top-k by bigram; after (8, 9) it knows nothing of what followed (5, 9).
+    config = AdedConfig(search="none", suffix=SuffixConfig(enabled=False), history={"enabled": False},
+                        adapt={"topk_weights": ()})
+    drafter = AdedDrafter(matrix, _store(), config, CostModel.flat())
+    drafter.start("r", [1, 2, 3], SamplingParams())
+    first = drafter.propose("r", np.array([1, 2, 3, 5, 9]), 16)
+    assert len(first) == 0  # no source has anything yet
+    topk = torch.tensor([[41, 42, 43, 44, 45, 46, 47, 48]])
+    drafter.observe("r", Feedback(first, [], [41], topk))
+    after = drafter.propose("r", np.array([1, 2, 3, 5, 9, 41, 8, 9]), 16)
+    assert after.tokens[after.parents == -1].tolist()[:3] == [41, 42, 43]
+    off = AdedDrafter(matrix, _store(), config.model_copy(update={"recycle": RecycleConfig(enabled=False)}),
+                      CostModel.flat())
+    assert off.target_topk == 0

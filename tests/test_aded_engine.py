@@ -51,6 +51,21 @@ def test_greedy_identity(engine, matrix, search, cost):
     assert tokens / forwards > 1.2  # the target's own n-grams and repeats are found
 
 
+def test_recycled_topk_alone_drafts_and_keeps_greedy_identity(engine, matrix):
+    # Only Token Recycling's rows: no n-gram search, no context or history matching, no store weights.
+    config = AdedConfig(search="none", suffix={"enabled": False}, history={"enabled": False},
+                        adapt={"topk_weights": (), "verified_delta": 0.0})
+    drafter = AdedDrafter(matrix, MemoryStore(StoreConfig(namespace="tiny")), config, CostModel.flat())
+    accepted = drafted = 0
+    for prompt in _prompts(8, seed=11):
+        ar = engine.run(prompt, GREEDY, NoDrafter())
+        spec = engine.run(prompt, GREEDY, drafter)
+        assert spec.token_ids == ar.token_ids
+        drafted += spec.stats.drafted_tokens
+        accepted += spec.stats.accepted_tokens
+    assert drafted > 0 and accepted > 0  # the rows the engine returned were drafted, and some were right
+
+
 def test_sampled_output_has_target_distribution(engine, target, matrix):
     from scipy.stats import chisquare
 

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.cost import CostModel
 
 #: Candidate sources; each has its own buckets, because their confidences mean different things.
-NGRAM, MCTS, SUFFIX, HISTORY = 0, 1, 2, 3
-N_SOURCES = 4
+NGRAM, MCTS, SUFFIX, HISTORY, RECYCLE = 0, 1, 2, 3, 4
+N_SOURCES = 5
 
 
 class BudgetConfig(BaseModel):
@@ -41,6 +41,8 @@ class BudgetConfig(BaseModel):
                                      "its confidence (corpus statistics overrate themselves on a new model).")
     mcts_prior_scale: float = Field(0.5, gt=0.0, le=1.0,
                                     description="Prior of an MCTS bucket: this times its visit share.")
+    recycle_prior_scale: float = Field(0.8, gt=0.0, le=1.0, description="Prior of a recycled top-k bucket "
+                                       "(actors.aded.recycle): this times its path's rank prior.")
     agree_prior_factor: float = Field(1.0, gt=0.0, le=1.0, description="Prior of a node several sources "
                                       "propose: its best source's prior p becomes 1 - (1 - p) * this.")
     prior_strength: float = Field(8.0, gt=0.0, description="Pseudo-observations behind each prior.")
@@ -63,7 +65,8 @@ class Calibrator:
         c = config
         centres = 2.0 ** (-(np.arange(c.conf_bins) + 0.5) / 2)
         priors = [c.ngram_prior_scale * centres, c.mcts_prior_scale * centres,
-                  self._match_prior(c.suffix_prior), self._match_prior(c.history_prior)]
+                  self._match_prior(c.suffix_prior), self._match_prior(c.history_prior),
+                  c.recycle_prior_scale * centres]
         self.offsets = np.cumsum([0] + [len(p) for p in priors])  # [N_SOURCES + 1]
         solo = np.concatenate(priors)
         #: Nodes several sources agree on are calibrated in a second table of the same layout.
@@ -85,7 +88,7 @@ class Calibrator:
         return len(self.prior)
 
     def conf_bucket(self, source: int, conf: float) -> int:
-        """Bucket of a confidence in (0, 1] for the NGRAM or MCTS source (half-octave bins)."""
+        """Bucket of a confidence in (0, 1] for the NGRAM, MCTS or RECYCLE source (half-octave bins)."""
         b = int(-2.0 * math.log2(max(conf, 1e-30))) if conf < 1.0 else 0
         return int(self.offsets[source]) + min(b, self.config.conf_bins - 1)
 

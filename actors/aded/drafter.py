@@ -24,11 +24,13 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.aded.budget import HISTORY, MCTS, NGRAM, SUFFIX, BudgetConfig, Calibrator, CostTable, choose_budget
+from actors.aded.budget import (HISTORY, MCTS, NGRAM, RECYCLE, SUFFIX, BudgetConfig, Calibrator, CostTable,
+                                choose_budget)
 from actors.aded.history import History, HistoryConfig
 from actors.aded.jit_search import CompiledSearch, SearchCache
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
+from actors.aded.recycle import Recycler, RecycleConfig
 from actors.aded.suffix import SuffixConfig, suffix_chains
 from actors.aded.tree import FLAT_CURVE_BEST_FIRST, BestFirstConfig, CandidateTrie, best_first_paths
 from actors.aded.trigram import TrigramMatrix
@@ -44,7 +46,8 @@ class AdedConfig(BaseModel):
 
     search: Literal["best_first", "mcts", "none"] = Field(
         "best_first", description="How n-gram candidates are found: the most probable paths (best_first), "
-        "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching only). "
+        "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching and "
+        "recycled top-k only). "
         "`specd bench --suite search` compares them.")
     compiled: bool = Field(True, description="Run the search compiled (numba, actors.aded.jit_search); False "
                            "runs the Python reference it is tested against (same trees, slower).")
@@ -54,10 +57,14 @@ class AdedConfig(BaseModel):
     mcts: MctsConfig = Field(default_factory=MctsConfig, description="MCTS settings (search='mcts').")
     suffix: SuffixConfig = Field(default_factory=SuffixConfig, description="Per-request context matching.")
     history: HistoryConfig = Field(default_factory=HistoryConfig, description="Cross-request output matching.")
+    recycle: RecycleConfig = Field(default_factory=RecycleConfig, description="Token Recycling: the target's "
+                                   "latest top-k after each token as a candidate tree.")
     ngram: NGramConfig = Field(default_factory=NGramConfig, description="How matrix and store combine.")
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="What is folded into the store.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Cost-aware budget and calibration.")
-    target_topk: int = Field(4, ge=0, le=64, description="Target top-k rows asked of the engine (0 = none).")
+    target_topk: int = Field(8, ge=0, le=64, description="Target top-k rows asked of the engine (0 = none): "
+                             "the store's Token Recycling weights use the first len(adapt.topk_weights), the "
+                             "recycled adjacency (recycle) up to len(recycle.rank_probs).")
     seed: int = Field(0, description="Seed for randomised search when the request gives none.")
 
 
@@ -92,7 +99,9 @@ class AdedDrafter(BaseDrafter):
         self.matrix = matrix
         self.store = store
         self.model = NGramModel(matrix, store, self.config.ngram)
-        self.target_topk = self.config.target_topk if self.config.adapt.topk_weights else 0
+        wants_topk = bool(self.config.adapt.topk_weights) or self.config.recycle.enabled
+        self.target_topk = self.config.target_topk if wants_topk else 0
+        self.recycler = Recycler(self.config.recycle, matrix.vocab_size, self.target_topk)
         # Sampled decoding accepts less than greedy: separate statistics, each shared by all requests.
         self.calibrators = {True: Calibrator(self.config.budget), False: Calibrator(self.config.budget)}
         budget = self.config.budget
@@ -144,6 +153,8 @@ class AdedDrafter(BaseDrafter):
             self.calibrators[state.greedy].update(buckets, accepted)
             state.predicted += float(state.last_draft.info["probs"][: len(draft)].sum())
             state.realised += float(accepted.sum())
+        if feedback.target_topk is not None:
+            self.recycler.observe(state.pending_state[1], draft.tokens, feedback.target_topk)
         if feedback.target_topk is not None and self.config.adapt.topk_weights:
             inc = topk_increments(state.pending_state, draft.tokens, draft.parents, feedback.target_topk,
                                   self.config.adapt.topk_weights)
@@ -171,11 +182,11 @@ class AdedDrafter(BaseDrafter):
                 parent = -1
                 for depth, tok in enumerate(chain.tolist(), start=1):
                     parent = trie.add(parent, tok, source, calibrator.chain_bucket(source, match_len, depth))
-        paths, source = self._search(state)
-        local: list[int] = []
-        for parent, tok, conf in paths:
-            local.append(trie.add(local[parent] if parent >= 0 else -1, tok, source,
-                                  calibrator.conf_bucket(source, conf)))
+        for paths, source in (self._search(state), (self.recycler.paths(state.pending_state[1]), RECYCLE)):
+            local: list[int] = []
+            for parent, tok, conf in paths:
+                local.append(trie.add(local[parent] if parent >= 0 else -1, tok, source,
+                                      calibrator.conf_bucket(source, conf)))
         return trie
 
     def _search(self, state: _Request) -> tuple[list[tuple[int, int, float]], int]:

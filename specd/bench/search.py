@@ -169,9 +169,11 @@ def _engine_summary(records: list[dict], summary: dict) -> dict:
 def _tuning_traces(target: LoadedModel) -> dict[str, list[Trace]]:
     """The target's shipped traces on ``TUNING_PROMPTS`` (kept out of the matrix corpus), split chat / code."""
     path = shipped_traces(target.identity)
-    if path is None:
-        return {}
-    traces = load_traces(path)
+    return {} if path is None else split_tuning(load_traces(path))
+
+
+def split_tuning(traces: list[Trace]) -> dict[str, list[Trace]]:
+    """The shipped tuning traces as ``tuning-chat`` / ``tuning-code`` (by their prompts' openings)."""
     code = [t for t in traces if t.name.startswith(("Write a Python", "Complete this"))]
     return {"tuning-chat": [t for t in traces if t not in code], "tuning-code": code}
 
