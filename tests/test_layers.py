@@ -95,3 +95,22 @@ def test_shared_fixtures_are_not_redefined():
     copies = [f"{p.name}: {sorted(names)}" for p in sorted((ROOT / "tests").glob("test_*.py"))
               if (names := _fixtures(p) & shared)]
     assert not copies
+
+
+MARKERS = ("<<<<<<< ", "=======\n", ">>>>>>> ")
+
+
+def conflict_lines(text: str) -> list[int]:
+    """1-based lines that are git merge-conflict markers."""
+    return [i for i, line in enumerate(text.splitlines(keepends=True), 1)
+            if line.startswith(MARKERS[0]) or line == MARKERS[1] or line.startswith(MARKERS[2])]
+
+
+def test_no_merge_conflict_markers_are_committed():
+    # A README once shipped with both sides of a merge in it.
+    files = [p for ext in ("*.md", "*.py", "*.yaml", "*.toml", "*.proto")
+             for p in ROOT.rglob(ext) if not any(part.startswith(".") or part.endswith(".egg-info") for part in p.parts)]
+    assert len(files) > 50
+    found = {str(p.relative_to(ROOT)): conflict_lines(p.read_text(errors="replace")) for p in files}
+    assert not {p: lines for p, lines in found.items() if lines}
+    assert conflict_lines("a\n<<<<<<< HEAD\nb\n=======\nc\n>>>>>>> other\n") == [2, 4, 6]  # the check sees them
