@@ -17,7 +17,7 @@ from actors.aded.ngram import NGramConfig, NGramModel, trigram_increments
 from actors.aded.tree import BestFirstConfig, best_first_paths
 from actors.aded.trigram import build_matrix
 from actors.cost import CostModel
-from actors.drafter import Feedback
+from actors.drafter import BaseDrafter, Feedback
 from actors.methods import aded_config, check_options, describe
 from actors.sampling import SamplingParams
 from shared_state import MemoryStore, StoreConfig
@@ -200,8 +200,9 @@ def test_cli_flag_errors_are_messages(capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
-class _Recording:
-    """The drafter as the engine sees it, noting each draft's size (to check trees were really drafted)."""
+class _Recording(BaseDrafter):
+    """The drafter as the engine sees it, noting each draft's size (to check trees were really drafted).
+    BaseDrafter's ``propose_batch`` calls ``propose`` below, so every draft the engine asks for is noted."""
 
     def __init__(self, drafter) -> None:
         self.drafter, self.sizes = drafter, []
