@@ -113,9 +113,10 @@ class ServeConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on every size a request sets.")
     max_draft_tokens: int = Field(64, ge=0, le=1024, description="Engine cap on draft nodes verified per step.")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per model replica; None = the CPUs this process may use "
-        "minus one (at least 1): Ray's proxies and per-token messages need a core, and a verifier whose threads "
-        "are preempted loses more than a thread's worth (benchmarks/serve_overhead.py).")
+        None, ge=1, description="torch intra-op threads per model replica; None = every CPU this process may use. "
+        "A batch's draft and verify run one after the other, so the verifier's forward has the cores to itself: "
+        "at 8 concurrent requests on 2 cores, 2 threads served 1.26x the tokens/s of 1 (ar, MT-Bench; "
+        "results/2026-12-02-served-threads/).")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where the verifier's target and the auxiliary draft model run: auto = the replica's GPU when "
@@ -183,7 +184,7 @@ class ServeConfig(BaseModel):
 
     def threads(self) -> int:
         """``torch_threads`` resolved in the process that runs the model."""
-        return self.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        return self.torch_threads or len(os.sched_getaffinity(0))
 
     def serve_options(self, name: str) -> dict[str, Any]:
         """Serve options of deployment ``name``: its DeploymentOptions plus, for drafter pools, the router."""

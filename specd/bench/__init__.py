@@ -49,7 +49,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--served-concurrency", type=_levels_or_none, default=None,
                    help="batching suite: levels also measured through specd serve (default 1,8,16; 'none')")
     b.add_argument("--served-torch-threads", type=int, default=None,
-                   help="batching suite: the served verifier's torch threads (default: ServeConfig's, CPUs minus one)")
+                   help="batching suite: the served verifier's torch threads (default: ServeConfig's, every CPU)")
     b.add_argument("--no-memory", action="store_true", help="batching suite: skip the 16 x 1k-token memory run")
     b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     add_aded_arguments(b)
