@@ -48,6 +48,8 @@ def add_bench_parser(sub) -> None:
                    help="batching suite: concurrent requests per level (default 1,2,4,8,16)")
     b.add_argument("--served-concurrency", type=_levels_or_none, default=None,
                    help="batching suite: levels also measured through specd serve (default 1,8,16; 'none')")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="batching suite: embedded runs per level, methods alternating; the median is reported")
     b.add_argument("--served-torch-threads", type=int, default=None,
                    help="batching suite: the served verifier's torch threads (default: ServeConfig's, every CPU)")
     b.add_argument("--no-memory", action="store_true", help="batching suite: skip the 16 x 1k-token memory run")
