@@ -93,7 +93,11 @@ def median_run(runs: list[dict]) -> dict:
     tokens/s beside it, and how many repeats' outputs differ from the first's (greedy: none should)."""
     mid = sorted(runs, key=lambda r: r["tokens_per_second"])[len(runs) // 2]
     return mid | {"runs_tokens_per_second": [r["tokens_per_second"] for r in runs],
-                  "repeats_differing": sum(r["rows"] != runs[0]["rows"] for r in runs[1:])}
+                  "repeats_differing": sum(_tokens(r) != _tokens(runs[0]) for r in runs[1:])}
+
+
+def _tokens(run: dict) -> list[list[int]]:
+    return [row["tokens"] for row in run["rows"]]
 
 
 def measure_embedded(args, target, sets, levels, methods) -> dict:
