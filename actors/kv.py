@@ -127,7 +127,9 @@ class BatchKV(Cache):
         n_rows, q = hi - lo, max(len(r.ids) for r in batch)
         lengths = [len(self.slots[i]) for i in range(lo, hi)]
         self._kv_len = max(lengths) + q
-        self._fit(self._kv_len)
+        # Capacity follows the longest live row, not only this forward's rows (a joining row's prefill
+        # covers itself alone: fitted to it, the buffers would shrink under the others' entries).
+        self._fit(max(self._kv_len, max(len(s) for s in self.slots)))
         dtype, device = self.model.dtype, self.model.device
         ids = torch.zeros(n_rows, q, dtype=torch.long)
         pos = torch.tensor(lengths, dtype=torch.long)[:, None].repeat(1, q)

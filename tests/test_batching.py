@@ -93,6 +93,22 @@ def test_freed_slots_are_reused_and_memory_follows_the_tokens():
         torch.testing.assert_close(logits[-1], model(torch.tensor([[3, 4, 5]])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_short_row_joining_never_shrinks_the_cache_under_a_long_one():
+    """A forward that covers only a new short row (its prefill) must not cut capacity below the longest
+    live row: it once did, dropping a long request's newest entries (greedy output changed at c=2)."""
+    model = tiny_model("llama", seed=0)
+    batch = BatchKV(model)
+    long_ids = [int(t) for t in np.random.default_rng(0).integers(1, V, 300)]
+    first = batch.add()
+    batch.forward([RowInput(first, *causal_row(0, long_ids[:-1]))], logits=False)
+    joined = batch.add()
+    batch.forward([RowInput(joined, *causal_row(0, [3, 4, 5]))], logits=False)
+    assert batch.capacity >= len(first)
+    logits = batch.forward([RowInput(first, *causal_row(len(first), long_ids[-1:]))])[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(logits[-1], model(torch.tensor([long_ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
 def test_batch_budget_turns_speculation_down_as_rows_grow():
     """On a CPU-like curve (cost grows with rows x tokens) the same drafts get fewer nodes in a bigger batch."""
     cost = CostModel.from_profile({"k": [1, 8, 64, 512], "context_lengths": [0, 1e6],
