@@ -67,6 +67,12 @@ def _pack(linear: nn.Linear) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
             return nn.functional.linear(x, linear.weight, linear.bias)
+        if x.numel() == x.shape[-1]:
+            # One row takes oneDNN's one-row path, which sums in another order than its many-row one (seen
+            # for K=1536), so a request alone would round unlike the same request in a batch and a near-tie
+            # could flip a greedy token. Two rows cost what one does (the weights are read either way).
+            two = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).repeat(2, 1), packed, bias, "none", [], "")
+            return two[:1].reshape(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     linear.forward = forward  # instance attribute: the class and other models are untouched

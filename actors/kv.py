@@ -24,6 +24,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
+from actors.attention import use_row_exact_attention
 from actors.draft import tree_attention_mask
 
 _ALIGN = 64  # capacity granularity (tokens)
@@ -80,6 +81,7 @@ class BatchKV(Cache):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(layers=[_SlotLayer(self) for _ in range(model.config.num_hidden_layers)])
         self.model = model
+        self._row_exact = use_row_exact_attention(model)  # greedy output independent of the batch
         self.slots: list[Slot] = []
         self.capacity = 0  # tokens per slot in the buffers
         self._rows = slice(0, 0)
@@ -144,9 +146,12 @@ class BatchKV(Cache):
             mask[i, 0, :n, end:] = torch.finfo(dtype).min
         self._rows = slice(lo, hi)
         self._cols = torch.tensor(lengths, dtype=torch.long)[:, None] + torch.arange(q)[None, :]
+        # Each row's own key length (its entries plus its real queries): what it attends over alone.
+        extra = {"row_kv_lengths": [max(1, lengths[i] + len(by_row[i].ids) if i in by_row else lengths[i])
+                                    for i in range(n_rows)]} if self._row_exact else {}
         hidden = self.model.base_model(
             input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-            cache=self, use_cache=True,
+            cache=self, use_cache=True, **extra,
         ).last_hidden_state  # [R, Q, hidden]
         if not logits:
             for r in batch:

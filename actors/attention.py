@@ -1,0 +1,51 @@
+"""Attention that computes each row of a ragged batch exactly as it would be computed alone.
+
+Rows of a :class:`~actors.kv.BatchKV` forward have different lengths; one SDPA call over the batch's
+padded key length gives a short row the right function but not the same bits: the masked tail changes
+how the kernel blocks the sum over keys (seen with SmolLM2 on this CPU: logits off by 4e-5), so a
+near-tie could flip a greedy token depending on who else is in the batch. Here every row attends over
+its own keys only (rows of equal length share a call), which is the call it gets when decoding alone,
+so greedy output never depends on the batch. The cost is one SDPA call per distinct row length and
+layer, small next to the linears at the batch sizes served here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ROW_EXACT = "specd_row_exact"
+
+
+def row_exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, row_kv_lengths: Sequence[int] | None = None,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA with row r's keys cut to ``row_kv_lengths[r]``: query [B, H, q, D], key/value [B, H_kv, kv, D],
+    mask [B, 1, q, kv]; returns [B, q, H, D] like transformers' sdpa_attention_forward."""
+    if row_kv_lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outs, start = [], 0
+    while start < len(row_kv_lengths):
+        n, end = row_kv_lengths[start], start + 1
+        while end < len(row_kv_lengths) and row_kv_lengths[end] == n:
+            end += 1
+        rows = slice(start, end)
+        mask = None if attention_mask is None else attention_mask[rows, :, :, :n]
+        out, _ = sdpa_attention_forward(module, query[rows], key[rows, :, :n], value[rows, :, :n], mask, **kwargs)
+        outs.append(out)
+        start = end
+    return torch.cat(outs), None
+
+
+AttentionInterface.register(ROW_EXACT, row_exact_attention)
+
+
+def use_row_exact_attention(model: PreTrainedModel) -> bool:
+    """Route the model's SDPA attention through :func:`row_exact_attention`; False for another kind."""
+    if model.config._attn_implementation in ("sdpa", ROW_EXACT):
+        model.config._attn_implementation = ROW_EXACT
+        return True
+    return False
