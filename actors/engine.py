@@ -165,14 +165,20 @@ class Engine:
                 events.append((req.id, self._fail(req, e)))
 
     def _prefill(self) -> list[_Request]:
-        """Spend up to ``prefill_chunk`` prompt tokens on joining requests; returns the requests ready to decode."""
-        budget, ready = self.config.prefill_chunk, []
+        """Cache joining prompts, at most ``prefill_chunk`` tokens a step; returns the requests ready to decode.
+
+        A prompt is cut at multiples of ``prefill_chunk`` from its own start, never where another request
+        left the step's budget: its cache comes from the same forwards whoever shares the batch, so its
+        greedy output cannot depend on them (a chunk's shape sets the rounding, see actors.attention).
+        """
+        chunk = budget = self.config.prefill_chunk
+        ready = []
         for req in list(self._requests.values()):
             if req.seq is None:
                 continue
-            if req.seq.to_prefill and budget > 0:
+            n = min(chunk - len(req.seq.slot) % chunk, req.seq.to_prefill)  # up to its next boundary
+            if 0 < n <= budget:
                 t = time.perf_counter()
-                n = min(budget, req.seq.to_prefill)
                 self.verifier.prefill(req.seq, n)
                 budget -= n
                 req.stats.prefill_seconds += time.perf_counter() - t
