@@ -109,6 +109,21 @@ def test_a_short_row_joining_never_shrinks_the_cache_under_a_long_one():
         torch.testing.assert_close(logits[-1], model(torch.tensor([long_ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_prompt_is_prefilled_in_the_same_chunks_alone_and_joining_with_others(target):
+    """Chunks end at multiples of prefill_chunk from the prompt's own start, whatever else joins."""
+    def chunks(prompts):
+        engine = Engine(target, EngineConfig(prefill_chunk=8))
+        seen, prefill = {}, engine.verifier.prefill
+        engine.verifier.prefill = lambda seq, n: seen.setdefault(len(seq.tokens), []).append(n) or prefill(seq, n)
+        engine.run_many(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True), NoDrafter())
+        return seen
+
+    prompts = [list(range(1, 14)), list(range(1, 21)), list(range(1, 6))]  # 12, 19 and 4 tokens to cache
+    together = chunks(prompts)
+    for p in prompts:
+        assert together[len(p)] == chunks([p])[len(p)] == [min(8, len(p) - 1 - i) for i in range(0, len(p) - 1, 8)]
+
+
 def test_batch_budget_turns_speculation_down_as_rows_grow():
     """On a CPU-like curve (cost grows with rows x tokens) the same drafts get fewer nodes in a bigger batch."""
     cost = CostModel.from_profile({"k": [1, 8, 64, 512], "context_lengths": [0, 1e6],
