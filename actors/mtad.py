@@ -25,7 +25,6 @@ Each drafted node's ``log q`` travels in ``Draft.logq`` ([n] float64), the rule'
 from __future__ import annotations
 
 import copy
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
@@ -34,10 +33,10 @@ import torch
 from transformers import PreTrainedModel
 
 from actors.draft import Draft
-from actors.drafter import BaseDrafter, Feedback
-from actors.kv import BatchKV, RowInput, Slot
+from actors.drafter import Feedback
+from actors.kv import RowInput, Slot
 from actors.sampling import SamplingParams, warp
-from actors.sd import checked_state, draft_generator, sync_rows
+from actors.sd import SlotDrafter, checked_state, draft_generator, sync_rows
 
 
 @dataclass
@@ -178,7 +177,7 @@ class _Row:
     slots: dict[int, int] = field(default_factory=dict)  # BeamTree node -> cache index
 
 
-class MtadDrafter(BaseDrafter):
+class MtadDrafter(SlotDrafter):
     """MTAD (``keep_all_beams=False``: best beam, a chain) or MMTAD (all beams, a tree). Approximate.
 
     ``gamma``: draft depth; ``beam_width``: beams per depth; ``tau``: the joint-ratio threshold of the acceptance
@@ -191,17 +190,10 @@ class MtadDrafter(BaseDrafter):
 
     def __init__(self, model: PreTrainedModel, gamma: int = 4, beam_width: int = 4, tau: float = 0.5,
                  keep_all_beams: bool = False) -> None:
-        self.model = model
+        super().__init__(model)
         self._set(gamma, beam_width, tau)
         self.keep_all_beams = keep_all_beams
         self.acceptance = "mmtad" if keep_all_beams else "mtad"  # the engine's rule for these drafts
-        self.kv = BatchKV(model)  # shared by the views, like the request table
-        self._requests: dict[str, _State] = {}
-        self._lock = threading.Lock()  # a drafter pool steps requests from several threads; the cache is shared
-
-    @property
-    def batch_key(self) -> object:
-        return self._requests
 
     def _set(self, gamma: int, beam_width: int, tau: float) -> None:
         if gamma < 1 or beam_width < 1:
@@ -222,12 +214,6 @@ class MtadDrafter(BaseDrafter):
             self._free(request_id)
             self._requests[request_id] = _State(self.kv.add(), params, draft_generator(params), self.gamma,
                                                 self.beam_width)
-
-    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
-        (out,) = self.propose_batch([(request_id, context, max_nodes)])
-        if isinstance(out, BaseException):
-            raise out
-        return out
 
     def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
         out: list[Draft | BaseException] = [Draft.empty() for _ in items]
@@ -300,11 +286,3 @@ class MtadDrafter(BaseDrafter):
                    if v in pending.slots]
             self.kv.keep_path(st.slot, pending.base, fed)
 
-    def finish(self, request_id: str) -> None:
-        with self._lock:
-            self._free(request_id)
-
-    def _free(self, request_id: str) -> None:
-        st = self._requests.pop(request_id, None)
-        if st is not None:
-            self.kv.remove(st.slot)

@@ -67,7 +67,38 @@ def sample_at(q: torch.Tensor, u: float) -> int:
     return min(idx, q.shape[0] - 1)
 
 
-class ModelDrafter(BaseDrafter):
+class SlotDrafter(BaseDrafter):
+    """A draft model's drafter whose requests share ONE :class:`BatchKV` (a slot each): ``propose`` is a
+    batch of one, ``finish`` frees the slot. Views made by ``with_options`` share the model, the cache and
+    the request table, so one batch serves them all."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.kv = BatchKV(model)  # shared by the views, like the request table
+        self._requests: dict = {}
+        self._lock = threading.Lock()  # a drafter pool steps requests from several threads; the cache is shared
+
+    @property
+    def batch_key(self) -> object:
+        return self._requests  # every view proposes for every request of the table
+
+    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
+        (out,) = self.propose_batch([(request_id, context, max_nodes)])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def finish(self, request_id: str) -> None:
+        with self._lock:
+            self._free(request_id)
+
+    def _free(self, request_id: str) -> None:
+        st = self._requests.pop(request_id, None)
+        if st is not None:
+            self.kv.remove(st.slot)
+
+
+class ModelDrafter(SlotDrafter):
     """Drafts every request of a step together: ONE :class:`BatchKV` holds a slot per request, a step syncs
     every row to its context in one forward (rows padded) and then runs ``[rows, 1]`` forwards in lockstep,
     one per draft depth, over the rows still drafting: ``gamma`` forwards per step for the whole batch.
@@ -81,15 +112,8 @@ class ModelDrafter(BaseDrafter):
     def __init__(self, model: PreTrainedModel, gamma: int = 4) -> None:
         if gamma < 1:
             raise ValueError("gamma must be >= 1")
-        self.model = model
+        super().__init__(model)
         self.gamma = gamma
-        self.kv = BatchKV(model)  # shared by the views, like the request table
-        self._requests: dict[str, _State] = {}
-        self._lock = threading.Lock()  # a drafter pool steps requests from several threads; the cache is shared
-
-    @property
-    def batch_key(self) -> object:
-        return self._requests  # every view proposes for every request of the table
 
     def with_options(self, gamma: int) -> ModelDrafter:
         """A view drafting ``gamma`` tokens that shares this drafter's model and request states."""
@@ -103,12 +127,6 @@ class ModelDrafter(BaseDrafter):
         with self._lock:
             self._free(request_id)  # a rebuilt request starts again from a fresh slot
             self._requests[request_id] = _State(self.kv.add(), params, draft_seed(params), self.gamma)
-
-    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
-        (out,) = self.propose_batch([(request_id, context, max_nodes)])
-        if isinstance(out, BaseException):
-            raise out
-        return out
 
     def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
         out: list[Draft | BaseException] = [Draft.empty() for _ in items]
@@ -134,14 +152,6 @@ class ModelDrafter(BaseDrafter):
     def observe(self, request_id: str, feedback: Feedback) -> None:
         pass  # the next propose() re-syncs the cache to the committed context
 
-    def finish(self, request_id: str) -> None:
-        with self._lock:
-            self._free(request_id)
-
-    def _free(self, request_id: str) -> None:
-        st = self._requests.pop(request_id, None)
-        if st is not None:
-            self.kv.remove(st.slot)
 
 
 @dataclass
