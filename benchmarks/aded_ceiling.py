@@ -32,13 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from aded_quality import SMOLLM2, trace_sets  # noqa: E402
+from aded_quality import SMOLLM2, load_matrix, trace_sets, write_result  # noqa: E402
 
-from actors.aded.corpus import default_matrix_path  # noqa: E402
 from actors.aded.drafter import AdedDrafter  # noqa: E402
 from actors.aded.simulator import Trace, _topk_rows, accepted_path  # noqa: E402
 from actors.aded.suffix import suffix_chains  # noqa: E402
-from actors.aded.trigram import TrigramMatrix  # noqa: E402
 from actors.cost import CostModel  # noqa: E402
 from actors.drafter import Feedback  # noqa: E402
 from actors.methods import aded_config  # noqa: E402
@@ -125,19 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", nargs="*", default=[], help="Extra trace sets, NAME=PATH.")
     ap.add_argument("--out", type=Path, default=None, help="Write the JSON here too.")
     args = ap.parse_args(argv)
-    path = default_matrix_path(args.identity)
-    if not path.exists():
-        print(f"no tri-gram matrix at {path}: build it with `specd ngrams build`", file=sys.stderr)
+    matrix = load_matrix(args.identity)
+    if matrix is None:
         return 2
-    matrix, config, flat = TrigramMatrix.load(path), aded_config(json.loads(args.config)), CostModel.flat()
+    config, flat = aded_config(json.loads(args.config)), CostModel.flat()
     result = {"config": json.loads(args.config), "command": " ".join(sys.argv), "ceiling": {
         name: ceiling(AdedDrafter(matrix, MemoryStore(StoreConfig(namespace=args.identity)), config, flat), traces)
         for name, traces in trace_sets(args.identity, args.traces).items()}}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

@@ -47,6 +47,24 @@ def trace_sets(identity: str, extra: list[str]) -> dict[str, list[Trace]]:
     return sets
 
 
+def load_matrix(identity: str) -> TrigramMatrix | None:
+    """The target's default tri-gram matrix, or None (with a message) when it was never built."""
+    path = default_matrix_path(identity)
+    if not path.exists():
+        print(f"no tri-gram matrix at {path}: build it with `specd ngrams build`", file=sys.stderr)
+        return None
+    return TrigramMatrix.load(path)
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """Print the JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--identity", default=SMOLLM2, help="The target's tokenizer identity (matrix and traces).")
@@ -55,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", nargs="*", default=[], help="Extra trace sets, NAME=PATH.")
     ap.add_argument("--out", type=Path, default=None, help="Write the JSON here too.")
     args = ap.parse_args(argv)
-    path = default_matrix_path(args.identity)
-    if not path.exists():
-        print(f"no tri-gram matrix at {path}: build it with `specd ngrams build`", file=sys.stderr)
+    matrix = load_matrix(args.identity)
+    if matrix is None:
         return 2
-    matrix = TrigramMatrix.load(path)
     sets = trace_sets(args.identity, args.traces)
     configs = {"config": json.loads(args.config)} if args.config else SEARCHES
     flat = CostModel.flat()
@@ -70,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             suite: replay(AdedDrafter(matrix, MemoryStore(StoreConfig(namespace=args.identity)), config, flat),
                           traces, flat, max_nodes=MAX_NODES).summary()
             for suite, traces in sets.items()}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_result(result, args.out)
     return 0
 
 
