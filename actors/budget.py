@@ -64,3 +64,39 @@ def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostMod
     best = int(np.argmax(rate))
     level = int(levels[best]) if rate[best] > rate[0] * (1.0 + min_gain) else lo
     return [len(d) if d.p_accept is None else min(level, len(d)) for d in drafts]
+
+
+class DraftGate:
+    """Whether drafting pays for itself for one request once its own time is counted.
+
+    The budget weighs verifying the drafts it is given; it cannot see what producing them cost (a draft
+    model's forwards, ADED's search and feedback), which in a busy batch can exceed what they add. Over
+    the request's recent drafted steps (sums decayed per step) this compares its accepted draft tokens
+    with that time in tokens of plain decoding: ``rows * (its drafting + feedback + the verify its nodes
+    added) / plain step``. While drafting falls short, its steps go undrafted; a probe step drafts after
+    1, 2, 4, ... ``max_skip`` undrafted ones, so a request whose text turns predictable is noticed. The
+    first ``warmup`` drafted steps are never judged.
+    """
+
+    def __init__(self, decay: float = 0.9, max_skip: int = 32, warmup: int = 4) -> None:
+        self.decay, self.max_skip, self.warmup = decay, max_skip, warmup
+        self.gained = self.cost = 0.0
+        self.drafted = self.skip = self.wait = 0
+
+    def should_draft(self) -> bool:
+        """Asked once per step: False while the gate holds drafting back."""
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def update(self, rows: int, gained: float, overhead_s: float, added_verify_s: float, plain_s: float) -> None:
+        """Fold one drafted step: accepted draft tokens, this request's drafting + feedback seconds, the verify
+        seconds its nodes added, and the seconds a plain step of the batch's ``rows`` takes."""
+        self.gained = self.gained * self.decay + gained
+        self.cost = self.cost * self.decay + rows * (overhead_s + added_verify_s) / max(plain_s, 1e-9)
+        self.drafted += 1
+        if self.drafted <= self.warmup or self.gained >= self.cost:
+            self.skip = 0
+        else:
+            self.skip = self.wait = min(self.max_skip, max(1, 2 * self.skip))

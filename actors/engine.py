@@ -9,54 +9,29 @@ request alone.
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
-from actors.budget import EstimateCorrection, choose_batch_budget
+from actors.budget import DraftGate, EstimateCorrection, choose_batch_budget
 from actors.cost import CostModel
 from actors.detok import Detokenizer, find_stop
+from actors.engine_config import EngineConfig
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
 from actors.models import LoadedModel
+from actors.profile import default_cost
 from actors.sampling import SamplingParams, warp
 from actors.stats import Generation, GenerationStats, RequestFailed, StepInfo, StepOutput, collect
 from actors.verifier import TargetSequence, Verifier
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_draft_tokens: int = Field(64, ge=0, le=1024, description="Hard cap on draft nodes verified per request and step.")
-    max_batch: int = Field(16, ge=1, le=1024, description="Requests decoded together; more wait for a free slot.")
-    prefill_chunk: int = Field(
-        256, ge=1, description="Prompt tokens cached per forward and step. A joining request's prefill runs "
-        "between the batch's decode steps, so this bounds how long it can stall them (one chunk's forward).")
-    budget_min_gain: float = Field(
-        0.0, ge=0.0, description="Speculate only when the batch budget predicts this relative gain over plain decoding.")
-    budget_correction: float = Field(
-        4.0, gt=0.0, description="Pseudo-tokens behind the batch budget's correction of the drafters' estimates "
-        "(actors.budget.EstimateCorrection): smaller reacts faster to drafts that accept less than estimated.")
-    budget_correction_decay: float = Field(0.98, gt=0.0, le=1.0, description="Per-step decay of that correction's sums.")
-    backend: Literal["plain", "deepspeed"] = Field(
-        "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")
-    tp_size: int = Field(1, ge=1, description="Tensor-parallel ranks of the deepspeed backend (rank 0 runs the engine).")
-    tp_heartbeat_s: float = Field(
-        10.0, gt=0, description="An idle TP leader pings its followers this often (below the group's timeout).")
-
-    @model_validator(mode="after")
-    def _tp_needs_deepspeed(self) -> EngineConfig:
-        if self.tp_size > 1 and self.backend != "deepspeed":
-            raise ValueError("tp_size > 1 needs backend 'deepspeed'")
-        return self
 
 
 @dataclass(eq=False)
@@ -70,6 +45,7 @@ class _Request:
     stats: GenerationStats
     arrived: float
     prompt: list[int]
+    gate: DraftGate = field(default_factory=DraftGate)  # read only with EngineConfig.draft_gate
     output: list[int] = field(default_factory=list)
     sent: int = 0  # characters of detok.text already streamed
 
@@ -93,6 +69,7 @@ class Engine:
         self._waiting: list[_Request] = []  # admitted in order as slots free up
         self._pool: ThreadPoolExecutor | None = None  # drafts blocking (remote) drafters concurrently
         self.last_step: StepInfo | None = None
+        freeze_gc_heap()
 
     # -- requests ------------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter,
@@ -131,29 +108,63 @@ class Engine:
         live = self._prefill()
         if not live:
             return events
-        drafts = self._draft(live, events)
+        # Undrafted this step (their gate is shut): neither proposed to nor told, so each drafter's state stays
+        # that of its last real draft (a remote drafter's pending feedback included).
+        gated = self.config.draft_gate
+        held = {r.id for r in live if gated and r.params.greedy and not r.gate.should_draft()}
+        t0 = time.perf_counter()  # drafting's own time (the gate's cost): draft, budget, telling the drafters
+        drafts = self._draft([r for r in live if r.id not in held], events) | {rid: Draft.empty() for rid in held}
         live = [r for r in live if r.id in drafts]
         if not live:
             return events
         drafts = self._budget(live, [drafts[r.id] for r in live])
+        t1 = time.perf_counter()
         logits = self.verifier.verify([(r.seq, d) for r, d in zip(live, drafts)])  # [1 + n_r, vocab] each
-        predicted = realised = 0.0
+        verify_s = time.perf_counter() - t1
+        gained, tell_s = self._accept_all(live, drafts, logits, held, events)
+        if gated:
+            self._update_gates(live, drafts, held, gained, t1 - t0 + tell_s, verify_s)
+        return events
+
+    def _update_gates(self, live: list[_Request], drafts: list[Draft], held: set[str], gained: dict[str, int],
+                      overhead_s: float, verify_s: float) -> None:
+        """Charge each drafted request an equal share of drafting's time and the verify time its nodes added."""
+        drafted = [(r, d) for r, d in zip(live, drafts) if r.id not in held and r.id in gained]
+        plain_s = verify_s / max(self.last_step.cost_ratio, 1.0)
+        nodes = max(1, sum(len(d) for _, d in drafted))
+        for req, draft in drafted:
+            req.gate.update(len(live), gained[req.id], overhead_s / len(drafted),
+                            (verify_s - plain_s) * len(draft) / nodes, plain_s)
+
+    def _accept_all(self, live: list[_Request], drafts: list[Draft], logits: list[torch.Tensor], held: set[str],
+                    events: list) -> tuple[dict[str, int], float]:
+        """Accept, commit, tell the drafters and emit, request by request; returns each request's accepted
+        draft tokens and the seconds spent telling the drafters."""
+        predicted = realised = tell_s = 0.0
+        gained: dict[str, int] = {}
         for req, draft, row in zip(live, drafts, logits):
             try:
-                tokens = self._accept_and_commit(req, draft, row)
+                acc = self._accept_and_commit(req, draft, row)
+                t = time.perf_counter()
+                if req.id not in held:  # tell its drafter (with the target's top-k rows it asked for)
+                    k = req.drafter.target_topk
+                    topk = torch.topk(row, k, dim=-1).indices if k else None
+                    req.drafter.observe(req.id, Feedback(draft, acc.accepted_nodes, acc.tokens, topk))
+                tell_s += time.perf_counter() - t
             except Exception as e:  # noqa: BLE001 - this request's drafter or rule failed; the batch goes on
                 events.append((req.id, self._fail(req, e)))
                 continue
+            gained[req.id] = len(acc.tokens) - 1  # accepted draft tokens (the bonus is not the draft's)
             if draft.p_accept is not None and len(draft):
                 predicted += float(draft.p_accept.sum())
-                realised += len(tokens) - 1  # accepted draft tokens (the bonus is not the draft's)
-            out = self._emit(req, tokens)
+                realised += len(acc.tokens) - 1
+            out = self._emit(req, acc.tokens)
             events.append((req.id, out))
             if out.finish_reason:
                 self._requests.pop(req.id, None)
                 self._release(req)
         self.correction.update(predicted, realised)
-        return events
+        return gained, tell_s
 
     def _admit(self, events: list) -> None:
         while self._waiting and len(self._requests) - len(self._waiting) < self.config.max_batch:
@@ -256,18 +267,17 @@ class Engine:
         context = max(len(r.seq.tokens) for r in live)
         keep = choose_batch_budget(drafts, context, self.cost, self.config.budget_min_gain, self.correction.factor)
         cut = [d.prefix(n) for d, n in zip(drafts, keep)]
-        self.last_step = StepInfo(rows=len(live), proposed=sum(map(len, drafts)), verified=sum(keep),
-                                  tokens=len(live) * (1 + max(keep)))
+        rows, level = len(live), max(keep)
+        ratio = self.cost.forward_seconds(1 + level, context, rows) / self.cost.forward_seconds(1, context, rows)
+        self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep),
+                                  tokens=rows * (1 + level), cost_ratio=ratio)
         return cut
 
-    def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> list[int]:
+    def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
         acc = self._accept(req, draft, logits)
         self.verifier.commit(req.seq, acc.accepted_nodes, acc.tokens)
-        k = req.drafter.target_topk
-        topk = torch.topk(logits, k, dim=-1).indices if k else None
-        req.drafter.observe(req.id, Feedback(draft, acc.accepted_nodes, acc.tokens, topk))
         req.stats.count(len(draft), len(acc.accepted_nodes))
-        return acc.tokens
+        return acc
 
     @staticmethod
     def _accept(req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
@@ -380,9 +390,10 @@ class Engine:
         self.verifier.close()
 
 
-def default_cost(target: LoadedModel) -> CostModel:
-    """The target's ``specd profile`` curve for its device, dtype and kernels, else the shipped fallback."""
-    from actors.profile import fallback_cost, profile_path
+def freeze_gc_heap() -> None:
+    """Put every object alive now (modules, tokenizers, drafter tables: they live as long as the process)
+    out of the cyclic GC's reach, as vLLM does after startup: a full collection walking ~0.5 M of them
+    paused one batch step for 270 ms on this CPU. Call again once drafters are built."""
+    gc.collect()
+    gc.freeze()
 
-    path = profile_path(target)
-    return CostModel.from_json(path) if path.exists() else fallback_cost(target)

@@ -116,3 +116,9 @@ def fallback_cost(target: LoadedModel) -> CostModel:
     if target.device_type != "cpu":
         return CostModel.flat()
     return smollm2_cpu_cost(target.kernels)
+
+
+def default_cost(target: LoadedModel) -> CostModel:
+    """The target's ``specd profile`` curve for its device, dtype and kernels, else the fallback."""
+    path = profile_path(target)
+    return CostModel.from_json(path) if path.exists() else fallback_cost(target)

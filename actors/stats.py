@@ -55,6 +55,7 @@ class StepInfo:
     proposed: int  # draft nodes the drafters offered
     verified: int  # draft nodes the batch budget kept
     tokens: int  # query tokens fed, padding included: rows x (1 + longest kept draft)
+    cost_ratio: float = 1.0  # the cost curve's price of the step as a multiple of a plain step of its rows
 
 
 @dataclass

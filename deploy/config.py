@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from actors.engine import EngineConfig
+from actors.engine_config import EngineConfig
 from actors.models import DEFAULT_MODEL
 from deploy.request import RequestLimits
 

@@ -6,6 +6,7 @@ import asyncio
 
 import torch
 
+from actors.engine import freeze_gc_heap
 from actors.models import load_model, load_tokenizer
 from deploy.config import ServeConfig
 from deploy.drafters import DrafterHost, build_drafters
@@ -28,6 +29,7 @@ class DrafterPool:
         # A tri-gram draft is a millisecond of Python: run it inline on the event loop (a thread hop costs as
         # much). A draft model's forwards take tens of ms and release the GIL: a thread lets requests overlap.
         self.threaded = aux
+        freeze_gc_heap()
 
     def info(self) -> dict[str, int]:
         return self.host.info()

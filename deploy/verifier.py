@@ -20,7 +20,7 @@ from typing import AsyncIterator
 import torch
 
 from actors.drafter import Drafter, NoDrafter, with_options
-from actors.engine import Engine
+from actors.engine import Engine, freeze_gc_heap
 from actors.stats import StepOutput
 from actors.loop import EngineLoop
 from actors.methods import METHODS
@@ -71,6 +71,7 @@ class VerifierServer:
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
         self.metrics = verifier_metrics()
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        freeze_gc_heap()  # model, drafters and their tables live as long as the replica
         self.loop = EngineLoop(self.engine, on_step=self.metrics.batch_step)
 
     def describe(self) -> dict:

@@ -112,7 +112,7 @@ def load_prompts_file(path: Path) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from actors.engine import EngineConfig
+    from actors.engine_config import EngineConfig
     from actors.methods import METHODS
     from actors.sampling import SamplingParams
 
@@ -161,7 +161,7 @@ def _generate_rank(rank: int, args, prompts: list[str], params, config) -> None:
 
 def _generate(args, prompts: list[str], params, config) -> int:
     from actors.drafter import with_options
-    from actors.engine import Engine
+    from actors.engine import Engine, freeze_gc_heap
     from actors.methods import METHODS, make_drafter
     from actors.models import load_model
 
@@ -175,6 +175,7 @@ def _generate(args, prompts: list[str], params, config) -> int:
             drafter = with_options(make_drafter(args.method, target, draft, **aded), **draft_options(args))
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}") from None
+        freeze_gc_heap()  # the drafter's tables too
         chat = target.is_chat if args.chat is None else args.chat
         if chat and not target.is_chat:
             raise UsageError(f"{target.name} has no chat template; use --no-chat")

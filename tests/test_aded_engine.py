@@ -19,7 +19,9 @@ GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(target):
-    return engine_mod.Engine(target)
+    # Drafting always: these tests judge the drafts; on a tiny model the draft gate would hold most back
+    # (its forward costs about what ADED's drafting does), which tests/test_draft_gate.py checks.
+    return engine_mod.Engine(target, engine_mod.EngineConfig(draft_gate=False))
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.draft import Draft
-from actors.engine import Engine
+from actors.engine import Engine, EngineConfig
 from actors.kv import KVSequence
 from actors.models import load_model
 from actors.sampling import SamplingParams, warp
@@ -151,8 +151,9 @@ def test_an_engine_step_runs_gamma_draft_forwards_for_the_whole_batch():
     target, draft = load_model("tiny-llama"), load_model("tiny-llama:1")
     gamma, prompts = 3, [[5, 17, 99], [1, 2], list(range(30, 60)), [7] * 11]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    alone = [Engine(target).run(p, params, ModelDrafter(draft.model, gamma)).token_ids for p in prompts]
-    engine, drafter = Engine(target), ModelDrafter(draft.model, gamma)
+    always = EngineConfig(draft_gate=False)  # every request drafts every step: the counts below say so
+    alone = [Engine(target, always).run(p, params, ModelDrafter(draft.model, gamma)).token_ids for p in prompts]
+    engine, drafter = Engine(target, always), ModelDrafter(draft.model, gamma)
     rids = [engine.add(p, params, drafter) for p in prompts]
     counter, per_step = _CountForwards(draft.model), []
     try:
