@@ -21,7 +21,8 @@ from actors.engine import Engine
 from actors.kernels import kernels_of
 from actors.models import load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import WARMUP_PROMPT, EngineMethod, HFMethod, Run, interleave, machine, write_outputs
+from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, EngineMethod, HFMethod, Run, cpu_json, interleave, machine,
+                                 pct_text, steal_pct, total_steal_pct, write_outputs)
 from specd.bench.prompts import SUITES
 from specd.common import UsageError
 
@@ -54,12 +55,14 @@ def run(args) -> int:
     end = None if args.limit is None else args.offset + args.limit
     prompts = {s: SUITES[s]()[args.offset:end] for s in suites}
     params = SamplingParams(max_new_tokens=args.max_new_tokens or 128, seed=args.seed)
-    result = run_bench(prompts, methods, lambda text: target.encode(text, chat=True), params,
-                       checkpoint=args.out / "partial.json",
-                       no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
+    with CpuSteal() as steal:
+        result = run_bench(prompts, methods, lambda text: target.encode(text, chat=True), params,
+                           checkpoint=args.out / "partial.json",
+                           no_warmup=frozenset({"aded-online"}))  # it must meet the first prompt knowing nothing
     result["config"] = {"model": target.name, "methods": names, "suites": suites, "offset": args.offset,
                         "limit": args.limit, "max_new_tokens": params.max_new_tokens, "greedy": True,
-                        "kernels": kernels_of(target.model), "aded": aded.model_dump(mode="json"), "machine": machine(),
+                        "kernels": kernels_of(target.model), "aded": aded.model_dump(mode="json"),
+                        "machine": machine() | {"steal_pct": steal.pct},
                         "command": " ".join(sys.argv)}
     write_outputs(args.out, "bench", result, markdown_table(result["summary"], "ar"), plot)
     print(markdown_table(result["summary"], "ar"))
@@ -105,6 +108,7 @@ def _record(suite: str, item: dict, prompt_len: int, runs: dict[str, Run], basel
             "accepted_per_position": r.accepted_per_position,
             "draft_share": round(r.draft_seconds / r.seconds, 4),
             "identical_to_baseline": r.token_ids == base.token_ids,
+            "steal_pct": steal_pct(r.cpu), "cpu_jiffies": cpu_json(r.cpu),
         }
     return out
 
@@ -130,6 +134,7 @@ def summarize(records: list[dict], baseline: str) -> dict:
             "acceptance_per_position": [round(a / steps, 4) for a in app] if steps else None,
             "draft_share": round(sum(m["draft_share"] * m["seconds"] for m in ms) / sum(m["seconds"] for m in ms), 4),
             "identical_to_baseline": sum(m["identical_to_baseline"] for m in ms),
+            "steal_pct": total_steal_pct([m["cpu_jiffies"] for m in ms]),  # over this method's timed runs
         }
     return out
 
@@ -153,12 +158,13 @@ def markdown_table(summary: dict, baseline: str) -> str:
     for suite, methods in summary.items():
         lines += [f"### {suite}", "",
                   f"| method | prompts | tok/s | speedup vs {baseline} (aggregate) | geomean | min | tokens/forward"
-                  " | draft share | identical to baseline |", "|---|---|---|---|---|---|---|---|---|"]
+                  " | draft share | identical to baseline | steal |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in methods.items():
             tpf = f"{s['tokens_per_forward']:.2f}" if s["tokens_per_forward"] else "-"
             lines.append(f"| {name} | {s['prompts']} | {s['tokens_per_second']:.2f} | {s['speedup_aggregate']:.3f}x"
                          f" | {s['speedup_geomean']:.3f}x | {s['speedup_min']:.3f}x | {tpf}"
-                         f" | {s['draft_share']:.1%} | {s['identical_to_baseline']}/{s['prompts']} |")
+                         f" | {s['draft_share']:.1%} | {s['identical_to_baseline']}/{s['prompts']}"
+                         f" | {pct_text(s['steal_pct'])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -14,6 +14,8 @@ concurrency 1 (greedy identity under batching) and ADED's with AR's. The budget 
 ``specd profile`` curve when there is one (run ``specd profile`` first), else the shipped fallback.
 ``--repeats R`` runs each embedded level R times, the methods alternating within a repeat, and reports the
 median run (every run's tokens/s beside it): on a 2-vCPU guest the same run moves by up to a quarter.
+Every run also records the host's CPU steal over it (``steal_pct``, from /proc/stat): compare runs whose
+steal was alike.
 
 Memory: 16 requests of ~1k prompt tokens decoded together: KV bytes per held token and peak RSS.
 Writes ``<out>/batching.json`` and ``<out>/batching.png``.
@@ -36,6 +38,7 @@ from actors.engine import Engine, EngineConfig
 from actors.methods import make_drafter
 from actors.models import load_model
 from actors.sampling import SamplingParams
+from specd.bench.harness import CpuSteal, cpu_json, pct_text
 from specd.bench.prompts import humaneval_prompts, mtbench_prompts
 from specd.common import UsageError
 
@@ -51,15 +54,20 @@ def _summary(rows: list[dict], wall: float) -> dict:
             "tokens_per_forward": round(tokens / max(1, sum(r["forwards"] for r in rows)), 3)}
 
 
+def _steal(steal: CpuSteal) -> dict:
+    return {"steal_pct": steal.pct, "cpu_jiffies": cpu_json(steal.delta)}
+
+
 def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: SamplingParams, c: int) -> dict:
-    t = time.perf_counter()
-    outs = engine.run_many(inputs, params, drafter, concurrency=c)
-    wall = time.perf_counter() - t
+    with CpuSteal() as steal:
+        t = time.perf_counter()
+        outs = engine.run_many(inputs, params, drafter, concurrency=c)
+        wall = time.perf_counter() - t
     bad = [o for o in outs if isinstance(o, BaseException)]
     if bad:
         raise bad[0]
     rows = [{"tokens": o.token_ids, "seconds": o.stats.seconds, "forwards": o.stats.target_forwards} for o in outs]
-    return {"rows": rows, **_summary(rows, wall)}
+    return {"rows": rows, **_summary(rows, wall), **_steal(steal)}
 
 
 def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens: int, c: int) -> dict:
@@ -78,21 +86,23 @@ def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens:
             rows[i] = {"tokens": list(r.token_ids), "seconds": time.perf_counter() - t,
                        "forwards": r.stats.target_forwards}
 
-    t = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(c)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t
-    return {"rows": rows, **_summary(rows, wall)}
+    with CpuSteal() as steal:  # the whole guest's steal: the client threads and the Ray workers alike
+        t = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(c)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+    return {"rows": rows, **_summary(rows, wall), **_steal(steal)}
 
 
 def median_run(runs: list[dict]) -> dict:
     """Repeats of one (set, method, level) as one result: the run with the median tokens/s, every run's
-    tokens/s beside it, and how many repeats' outputs differ from the first's (greedy: none should)."""
+    tokens/s and steal beside it, and how many repeats' outputs differ from the first's (greedy: none should)."""
     mid = sorted(runs, key=lambda r: r["tokens_per_second"])[len(runs) // 2]
     return mid | {"runs_tokens_per_second": [r["tokens_per_second"] for r in runs],
+                  "runs_steal_pct": [r["steal_pct"] for r in runs],
                   "repeats_differing": sum(_tokens(r) != _tokens(runs[0]) for r in runs[1:])}
 
 
@@ -113,8 +123,12 @@ def measure_embedded(args, target, sets, levels, methods) -> dict:
                 for m in methods:
                     r = run_embedded(engine, drafters[m], inputs, params, c)
                     runs.setdefault(f"{name}/{m}/{c}", []).append(r)
-                    print(f"embedded {name} {m} c={c}: {r['tokens_per_second']} tok/s", file=sys.stderr, flush=True)
+                    print(f"embedded {name} {m} c={c}: {_progress(r)}", file=sys.stderr, flush=True)
     return {key: median_run(rs) for key, rs in runs.items()}
+
+
+def _progress(r: dict) -> str:
+    return f"{r['tokens_per_second']} tok/s, steal {pct_text(r['steal_pct'])}"
 
 
 def measure_served(args, sets, levels, methods) -> dict:
@@ -143,8 +157,8 @@ def measure_served(args, sets, levels, methods) -> dict:
             for name, inputs in sets.items():
                 for m in methods:
                     out[f"{name}/{m}/{c}"] = run_served(factory, inputs, m, args.max_tokens, c)
-                    print(f"served {name} {m} c={c}: {out[f'{name}/{m}/{c}']['tokens_per_second']} tok/s",
-                          file=sys.stderr, flush=True)
+                    print(f"served {name} {m} c={c}: {_progress(out[f'{name}/{m}/{c}'])}", file=sys.stderr,
+                          flush=True)
             serve.delete(cfg.name)
     finally:
         local.stop()
@@ -227,9 +241,10 @@ def run(args) -> int:
     target = load_model(args.model)
     sets = {"mtbench": [target.encode(r["prompt"], chat=True) for r in mtbench_prompts()[: args.prompts]],
             "humaneval": [target.encode(r["prompt"], chat=True) for r in humaneval_prompts()[: args.prompts]]}
-    results = {f"embedded/{k}": v for k, v in measure_embedded(args, target, sets, levels, methods).items()}
-    if served_levels:
-        results |= {f"served/{k}": v for k, v in measure_served(args, sets, served_levels, methods).items()}
+    with CpuSteal() as steal:
+        results = {f"embedded/{k}": v for k, v in measure_embedded(args, target, sets, levels, methods).items()}
+        if served_levels:
+            results |= {f"served/{k}": v for k, v in measure_served(args, sets, served_levels, methods).items()}
     summary: dict = {}
     for key, r in results.items():
         side, name, m, c = key.split("/")
@@ -249,7 +264,7 @@ def run(args) -> int:
             ratios[f"{name}/{c}"] = row
     report = {"command": " ".join(["specd", *sys.argv[1:]]), "args": {k: str(v) for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                          "served_torch_threads": served_threads(args)},
+                          "served_torch_threads": served_threads(args), "steal_pct": steal.pct},
               "summary": summary, "ratios": ratios, "identity": compare(results, levels, methods)}
     if not args.no_memory:
         report["memory"] = measure_memory(target)

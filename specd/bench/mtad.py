@@ -34,7 +34,8 @@ from actors.methods import METHODS, make_drafter
 from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import WARMUP_PROMPT, interleave, machine, write_outputs
+from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, cpu_json, interleave, machine, steal_pct, total_steal_pct,
+                                 write_outputs)
 from specd.bench.prompts import humaneval_prompts
 from specd.common import UsageError
 
@@ -78,20 +79,23 @@ def run(args) -> int:
 
     def done(i: int, entry: tuple, results: dict) -> None:
         records.extend(results.values())
+        config["machine"]["steal_pct"] = whole.so_far()  # from the warm-ups to this checkpoint
         result = {"config": config, "records": records, "summary": summarize(records)}
         write_outputs(args.out, "bench_mtad", result, markdown_table(result["summary"]), plot)
 
-    interleave(runs, methods, measure,
-               lambda name: engine.run(warm, SamplingParams(max_new_tokens=8, temperature=1.0, seed=args.seed),
-                                       drafters[name]), done, desc="bench mtad")
+    with CpuSteal() as whole:
+        interleave(runs, methods, measure,
+                   lambda name: engine.run(warm, SamplingParams(max_new_tokens=8, temperature=1.0, seed=args.seed),
+                                           drafters[name]), done, desc="bench mtad")
     print(markdown_table(summarize(records)), flush=True)
     return 0
 
 
 def _run(engine: Engine, name: str, drafter, item: dict, ids: list[int], params: SamplingParams) -> dict:
-    t = time.perf_counter()
-    out = engine.run(ids, params, drafter)
-    seconds = time.perf_counter() - t
+    with CpuSteal() as steal:
+        t = time.perf_counter()
+        out = engine.run(ids, params, drafter)
+        seconds = time.perf_counter() - t
     s = out.stats
     return {
         "id": item["id"], "method": name, "temperature": params.temperature, "seed": params.seed,
@@ -100,6 +104,7 @@ def _run(engine: Engine, name: str, drafter, item: dict, ids: list[int], params:
         "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name].lossless if name in METHODS else True,
         "mean_logp": mean_target_logp(engine.target, ids, out.token_ids),
         "passed": humaneval_passes(item, out.text), "text": out.text,
+        "steal_pct": steal_pct(steal.delta), "cpu_jiffies": cpu_json(steal.delta),
     }
 
 
@@ -160,6 +165,7 @@ def summarize(records: list[dict]) -> dict:
                 "acceptance_rate": acc / (iters * GAMMA) if iters and name != "ar" else None,
                 "pass_at_1": sum(r["passed"] for r in rs) / len(rs),
                 "draft_share": sum(r["draft_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
+                "steal_pct": total_steal_pct([r["cpu_jiffies"] for r in rs]),  # over this method's timed runs
             }
         for name, s in by.items():
             for ref in ("ar", "sd"):

@@ -33,7 +33,7 @@ from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
 from specd.bench.aded import run_bench
-from specd.bench.harness import EngineMethod
+from specd.bench.harness import CpuSteal, EngineMethod, pct_text
 from specd.bench.prompts import SUITES
 from specd.common import UsageError
 
@@ -78,8 +78,9 @@ def run(args) -> int:
     engine = Engine(target)
     methods = [EngineMethod("ar", engine, NoDrafter())] + [
         EngineMethod(name, engine, make_aded_drafter(target, config=c)) for name, c in configs.items()]
-    bench = run_bench(prompts, methods, encode, params, checkpoint=args.out / "partial.json",
-                      no_warmup=frozenset(configs))  # online drafters meet the first prompt knowing nothing
+    with CpuSteal() as steal:
+        bench = run_bench(prompts, methods, encode, params, checkpoint=args.out / "partial.json",
+                          no_warmup=frozenset(configs))  # online drafters meet the first prompt knowing nothing
     engine_summary = {s: _engine_summary([r for r in bench["records"] if r["suite"] == s], bench["summary"][s])
                       for s in prompts}
 
@@ -98,7 +99,7 @@ def run(args) -> int:
               "config": {"model": target.name, "searches": {n: c.model_dump(mode="json") for n, c in configs.items()},
                          "offset": args.offset, "limit": args.limit, "max_new_tokens": params.max_new_tokens,
                          "max_nodes_simulated": MAX_NODES, "kernels": kernels_of(target.model),
-                         "command": " ".join(sys.argv)}}
+                         "command": " ".join(sys.argv), "steal_pct": steal.pct}}  # over the engine runs
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search.json").write_text(json.dumps(result, indent=1))
     (args.out / "search.md").write_text(markdown(result))
@@ -159,7 +160,7 @@ def _engine_summary(records: list[dict], summary: dict) -> dict:
         forwards = sum(m["target_forwards"] or 0 for m in ms)
         draft_s = sum(m["draft_share"] * m["seconds"] for m in ms)
         out[name] = {k: s[k] for k in ("prompts", "tokens_per_second", "speedup_aggregate", "tokens_per_forward",
-                                       "identical_to_baseline")}
+                                       "identical_to_baseline", "steal_pct")}
         out[name]["draft_ms_per_step"] = round(1e3 * draft_s / forwards, 3) if forwards else None
         out[name]["verify_ms_per_step"] = round(1e3 * (sum(m["seconds"] for m in ms) - draft_s) / forwards, 3) \
             if forwards else None
@@ -195,14 +196,14 @@ def _traces(target: LoadedModel, items: list[dict], max_new_tokens: int, path: P
 
 def markdown(result: dict) -> str:
     lines = ["## Engine (greedy, this CPU)", "",
-             "| suite | method | tok/s | speedup vs ar | tokens/forward | draft ms/step | verify ms/step | identical |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| suite | method | tok/s | speedup vs ar | tokens/forward | draft ms/step | verify ms/step | identical"
+             " | steal |", "|---|---|---|---|---|---|---|---|---|"]
     for suite, methods in result["engine"].items():
         for name, s in methods.items():
             tpf = f"{s['tokens_per_forward']:.2f}" if s["tokens_per_forward"] else "-"
             lines.append(f"| {suite} | {name} | {s['tokens_per_second']:.2f} | {s['speedup_aggregate']:.3f}x | {tpf}"
                          f" | {s['draft_ms_per_step']} | {s['verify_ms_per_step']} |"
-                         f" {s['identical_to_baseline']}/{s['prompts']} |")
+                         f" {s['identical_to_baseline']}/{s['prompts']} | {pct_text(s['steal_pct'])} |")
     lines += ["", f"## Simulator (held-out greedy traces, <= {result['config']['max_nodes_simulated']} nodes)", "",
               "| suite | cost curve | search | tokens/forward | nodes/forward | est. speedup (verify only) |"
               " draft ms/step |", "|---|---|---|---|---|---|---|"]
