@@ -129,6 +129,8 @@ class ServeConfig(BaseModel):
                            "max_ongoing_requests (2x: one batch decoding, one waiting) and autoscaling target.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a verifier prefills per step: bounds how long a "
                                "joining request stalls the running batch.")
+    draft_gate: bool = Field(True, description="Hold back a greedy request's drafting while its own time outweighs "
+                             "the tokens it adds (EngineConfig.draft_gate); false drafts every step.")
     tp_size: int = Field(
         1, ge=1, description="Tensor-parallel ranks per verifier replica (DeepSpeed AutoTP): a replica is then a "
         "group of tp_size actors packed on one node, each holding the verifier's resources (a GPU in production).")
@@ -154,7 +156,7 @@ class ServeConfig(BaseModel):
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
         return EngineConfig(max_draft_tokens=self.max_draft_tokens, max_batch=self.max_batch,
-                            prefill_chunk=self.prefill_chunk, backend="deepspeed" if self.tp_size > 1 else "plain",
+                            prefill_chunk=self.prefill_chunk, draft_gate=self.draft_gate, backend="deepspeed" if self.tp_size > 1 else "plain",
                             tp_size=self.tp_size, tp_heartbeat_s=self.tp_timeout_s / 4)
     http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")

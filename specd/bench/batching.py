@@ -31,10 +31,11 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-from actors.engine import Engine, EngineConfig
+from actors.engine import Engine, EngineConfig, freeze_gc_heap
 from actors.methods import make_drafter
 from actors.models import load_model
 from actors.sampling import SamplingParams
@@ -119,6 +120,7 @@ def measure_embedded(args, target, sets, levels, methods) -> dict:
     for c in levels:
         for _ in range(args.repeats):  # methods alternate within a repeat: drift hits both alike
             drafters = {m: make_drafter(m, target) for m in methods}  # fresh per run: no cross-run learning
+            freeze_gc_heap()  # their tables too, as a serving replica does after startup
             for name, inputs in sets.items():
                 for m in methods:
                     r = run_embedded(engine, drafters[m], inputs, params, c)
