@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.drafter import NoDrafter
-from actors.engine import Engine
+from actors.engine import Engine, EngineConfig
 from actors.sampling import SamplingParams
 from deploy.drafters import RemoteDrafter
 from specd_testing import OneReplica, TreeDrafter
@@ -22,7 +22,7 @@ def _remote(handle) -> RemoteDrafter:
 
 
 def test_a_draft_naming_ids_outside_the_vocabulary_is_a_plain_step(target):
-    engine = Engine(target)
+    engine = Engine(target, EngineConfig(draft_gate=False))  # every step drafts, so every step is refused
     want = engine.run(PROMPT, GREEDY, NoDrafter()).token_ids
     poisoned = TreeDrafter(100_000, seed=0, size=6)  # random ids up to 100k: a poisoned store row, a bad replica
     drafter = _remote(OneReplica({"tree": poisoned}, vocab_size=target.vocab_size))
