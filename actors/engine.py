@@ -24,9 +24,9 @@ from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mt
 from actors.budget import DraftGate, EstimateCorrection, choose_batch_budget
 from actors.cost import CostModel
 from actors.detok import Detokenizer, find_stop
-from actors.engine_config import EngineConfig
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
+from actors.engine_config import EngineConfig
 from actors.models import LoadedModel
 from actors.profile import default_cost
 from actors.sampling import SamplingParams, warp
