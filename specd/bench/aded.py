@@ -21,8 +21,8 @@ from actors.engine import Engine
 from actors.kernels import kernels_of
 from actors.models import load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, EngineMethod, HFMethod, Run, cpu_json, interleave, machine,
-                                 pct_text, steal_pct, total_steal_pct, write_outputs)
+from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, EngineMethod, HFMethod, Run, interleave, machine, pct_text,
+                                 steal_fields, total_steal_pct, write_outputs)
 from specd.bench.prompts import SUITES
 from specd.common import UsageError
 
@@ -108,7 +108,7 @@ def _record(suite: str, item: dict, prompt_len: int, runs: dict[str, Run], basel
             "accepted_per_position": r.accepted_per_position,
             "draft_share": round(r.draft_seconds / r.seconds, 4),
             "identical_to_baseline": r.token_ids == base.token_ids,
-            "steal_pct": steal_pct(r.cpu), "cpu_jiffies": cpu_json(r.cpu),
+            **steal_fields(r.cpu),
         }
     return out
 

@@ -39,7 +39,7 @@ from actors.engine import Engine, EngineConfig, freeze_gc_heap
 from actors.methods import make_drafter
 from actors.models import load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import CpuSteal, cpu_json, pct_text
+from specd.bench.harness import CpuSteal, pct_text, steal_fields
 from specd.bench.prompts import humaneval_prompts, mtbench_prompts
 from specd.common import UsageError
 
@@ -55,10 +55,6 @@ def _summary(rows: list[dict], wall: float) -> dict:
             "tokens_per_forward": round(tokens / max(1, sum(r["forwards"] for r in rows)), 3)}
 
 
-def _steal(steal: CpuSteal) -> dict:
-    return {"steal_pct": steal.pct, "cpu_jiffies": cpu_json(steal.delta)}
-
-
 def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: SamplingParams, c: int) -> dict:
     with CpuSteal() as steal:
         t = time.perf_counter()
@@ -68,7 +64,7 @@ def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: Sampl
     if bad:
         raise bad[0]
     rows = [{"tokens": o.token_ids, "seconds": o.stats.seconds, "forwards": o.stats.target_forwards} for o in outs]
-    return {"rows": rows, **_summary(rows, wall), **_steal(steal)}
+    return {"rows": rows, **_summary(rows, wall), **steal_fields(steal.delta)}
 
 
 def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens: int, c: int) -> dict:
@@ -95,7 +91,7 @@ def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens:
         for th in threads:
             th.join()
         wall = time.perf_counter() - t
-    return {"rows": rows, **_summary(rows, wall), **_steal(steal)}
+    return {"rows": rows, **_summary(rows, wall), **steal_fields(steal.delta)}
 
 
 def median_run(runs: list[dict]) -> dict:

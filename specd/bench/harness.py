@@ -76,6 +76,11 @@ def cpu_json(delta: CpuTimes | None) -> dict | None:
     return None if delta is None else delta._asdict()
 
 
+def steal_fields(delta: CpuTimes | None) -> dict:
+    """A timed unit's JSON keys for its steal: ``steal_pct`` and the ``cpu_jiffies`` behind it."""
+    return {"steal_pct": steal_pct(delta), "cpu_jiffies": cpu_json(delta)}
+
+
 def pct_text(value: float | None) -> str:
     return "-" if value is None else f"{value}%"
 

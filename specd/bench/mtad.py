@@ -34,7 +34,7 @@ from actors.methods import METHODS, make_drafter
 from actors.kernels import kernels_of
 from actors.models import LoadedModel, load_model
 from actors.sampling import SamplingParams
-from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, cpu_json, interleave, machine, steal_pct, total_steal_pct,
+from specd.bench.harness import (WARMUP_PROMPT, CpuSteal, interleave, machine, steal_fields, total_steal_pct,
                                  write_outputs)
 from specd.bench.prompts import humaneval_prompts
 from specd.common import UsageError
@@ -104,7 +104,7 @@ def _run(engine: Engine, name: str, drafter, item: dict, ids: list[int], params:
         "draft_seconds": round(s.draft_seconds, 3), "lossless": METHODS[name].lossless if name in METHODS else True,
         "mean_logp": mean_target_logp(engine.target, ids, out.token_ids),
         "passed": humaneval_passes(item, out.text), "text": out.text,
-        "steal_pct": steal_pct(steal.delta), "cpu_jiffies": cpu_json(steal.delta),
+        **steal_fields(steal.delta),
     }
 
 
