@@ -98,7 +98,7 @@ def test_request_cache_follows_store_changes():
         model.store.add(trigram_increments(s[: step + 3].tolist(), step, 0.7))  # new rows
         c = int(s[step + 1])
         model.store.add([(b, c, int(s[step + 2]), -5.0), (a, b, c, -5.0)])  # rows emptied / weights removed
-    assert cache_mcts.known and search.inexact == 0
+    assert len(cache_mcts) and search.inexact == 0
 
 
 @pytest.mark.parametrize("search", ["best_first", "mcts"])

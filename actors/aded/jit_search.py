@@ -30,7 +30,7 @@ from actors.aded.tree import BestFirstConfig
 
 Paths = list[tuple[int, int, float]]
 State = tuple[int, int]
-Known = tuple[dict, np.ndarray, np.ndarray, int]  # (store row it reflects, [K] ids, [K] probs, length)
+Packed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a [m], b [m], ids [m, K], probs [m, K], lens [m]
 
 
 class RowTable:
@@ -42,14 +42,15 @@ class RowTable:
                        np.zeros(rows, np.int8), np.empty((rows, width), np.int64), np.empty((rows, width)),
                        np.zeros(rows, np.int64), np.zeros(1, np.int64))
         self.checked = 0  # rows [0, checked) are final
+        self.adaptive: list[int] = []  # rows holding adaptive weights (store rows combined in), in order
 
     @property
     def free(self) -> int:
         return len(self.arrays[2]) - int(self.arrays[7][0])
 
-    def settle(self, model: NGramModel, found: dict[State, Known]) -> bool:
+    def settle(self, model: NGramModel, sources: dict[State, dict]) -> bool:
         """Check the provisional rows against the store; True if any had adaptive weights: those rows are
-        written and added to ``found``."""
+        written, and the store row each reflects is added to ``sources``."""
         row_key, row_kind, used = self.arrays[2], self.arrays[3], int(self.arrays[7][0])
         start, self.checked = self.checked, used
         if start == used:
@@ -65,43 +66,70 @@ class RowTable:
                 self.arrays[6][r] = n = len(ids)
                 self.arrays[4][r, :n] = ids
                 self.arrays[5][r, :n] = probs
-                found[(a, b)] = (src, self.arrays[4][r].copy(), self.arrays[5][r].copy(), n)
+                sources[(a, b)] = src
+                self.adaptive.append(r)
                 changed = True
         return changed
 
-    def preload(self, known: dict[State, Known]) -> None:
-        """Write ``known`` rows (final) in one kernel call."""
-        if not known:
+    def adaptive_rows(self, limit: int) -> Packed:
+        """The rows holding adaptive weights, packed for ``preload``; the newest ``limit``."""
+        rows = np.array(self.adaptive[-limit:], np.int64)
+        keys = self.arrays[2][rows]
+        return (keys >> 32) - 1, keys & 0xFFFFFFFF, self.arrays[4][rows], self.arrays[5][rows], self.arrays[6][rows]
+
+    def preload(self, rows: Packed | None) -> None:
+        """Write known rows (final) in one kernel call."""
+        if rows is None or not len(rows[0]):
             return
-        states = np.array(list(known), np.int64).reshape(-1, 2)
-        rows = list(known.values())
-        K.preload(self.arrays, states[:, 0], states[:, 1], np.stack([r[1] for r in rows]),
-                  np.stack([r[2] for r in rows]), np.array([r[3] for r in rows], np.int64))
+        start = int(self.arrays[7][0])
+        K.preload(self.arrays, *rows)
         self.checked = int(self.arrays[7][0])
+        self.adaptive.extend(range(start, self.checked))
 
 
 class SearchCache:
-    """What one request's searches learnt about the store: the states that had adaptive weights at its
-    last step, with their rows (its next tree overlaps its last one). Re-checked against the store at
-    every call (stores replace a row object whenever it changes), so it never makes a row stale."""
+    """What one request's searches learnt about the store: the states of its last tree that had adaptive
+    weights, with their rows packed as the kernels read them (its next tree overlaps its last one).
+    Re-checked against the store at every call (stores replace a row object whenever it changes), so it
+    never makes a row stale."""
 
     def __init__(self, max_states: int = 4096) -> None:
-        self.known: dict[State, Known] = {}
         self.max_states = max_states
+        self.states: list[State] = []
+        self.sources: list[dict] = []  # the store row each state's packed row reflects
+        self.rows: Packed | None = None
 
-    def current(self, model: NGramModel) -> dict[State, Known]:
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def current(self, model: NGramModel) -> tuple[dict[State, dict], Packed | None]:
+        """The cached states still adaptive, with their store rows, and their rows as they are now."""
+        if not self.states:
+            return {}, None
         successors = model.store.successors
-        out: dict[State, Known] = {}
-        for (a, b), row in self.known.items():
-            src = successors(a, b)
-            if src is row[0]:
-                out[(a, b)] = row
-            elif src:
-                ids, probs = model.successors(a, b)
-                width = len(row[1])
-                out[(a, b)] = (src, np.pad(np.asarray(ids, np.int64), (0, width - len(ids))),
-                               np.pad(np.asarray(probs, np.float64), (0, width - len(ids))), len(ids))
-        return out
+        keep, changed, sources = [], [], {}
+        for i, ((a, b), src) in enumerate(zip(self.states, self.sources)):
+            now = successors(a, b)
+            if now is src:
+                keep.append(i)
+            elif now:
+                changed.append(i)
+            else:
+                continue
+            sources[(a, b)] = now
+        order = keep + changed
+        a_, b_, ids, probs, lens = (x[order] for x in self.rows)  # fancy indexing: copies
+        for j, i in enumerate(changed, start=len(keep)):
+            new_ids, new_probs = model.successors(*self.states[i])
+            lens[j] = n = len(new_ids)
+            ids[j, :n], probs[j, :n] = new_ids, new_probs
+        return sources, (a_, b_, ids, probs, lens)
+
+    def keep(self, sources: dict[State, dict], table: RowTable) -> None:
+        """Remember the adaptive states this call's tree met, with their rows as the table holds them."""
+        self.rows = table.adaptive_rows(self.max_states)
+        self.states = list(zip(self.rows[0].tolist(), self.rows[1].tolist()))
+        self.sources = [sources[s] for s in self.states]
 
 
 class CompiledSearch:
@@ -152,19 +180,21 @@ class CompiledSearch:
 
     def _rounds(self, bound: int, cache: SearchCache | None, kernel) -> Paths:
         """``bound``: most distinct states one run of ``kernel`` can meet (sizes the table)."""
-        known = cache.current(self.model) if cache is not None else {}
+        sources, rows = cache.current(self.model) if cache is not None else ({}, None)
         table = None
         self.calls += 1
         for _ in range(self.max_rounds):
             if table is None or table.free < bound:  # a table too full for a whole run starts afresh
-                table = RowTable(2 * bound + len(known), self.row_args[2])
-                table.preload(known)
+                if table is not None:  # keeping the adaptive rows found so far
+                    rows = table.adaptive_rows(len(table.adaptive))
+                table = RowTable(2 * bound + len(sources), self.row_args[2])
+                table.preload(rows)
             self.rounds += 1
             parents, tokens, conf = kernel(table.arrays)
-            if not table.settle(self.model, known):
+            if not table.settle(self.model, sources):
                 break
         else:
             self.inexact += 1
         if cache is not None:
-            cache.known = dict(list(known.items())[-cache.max_states:]) if len(known) > cache.max_states else known
+            cache.keep(sources, table)
         return list(zip(parents.tolist(), tokens.tolist(), conf.tolist()))
