@@ -57,7 +57,7 @@ class Engine:
         self.target = target
         self.config = cfg = config or EngineConfig()
         if cfg.backend == "plain":
-            self.verifier = Verifier(target.model)
+            self.verifier = Verifier(target.model, batch_invariant=cfg.batch_invariant)
         else:
             from actors.tp import deepspeed_verifier  # imports deepspeed
 

@@ -25,6 +25,13 @@ class EngineConfig(BaseModel):
         True, description="Skip drafting for greedy requests while drafting's own time (drafter, feedback, the "
         "verify it adds) outweighs the tokens it adds to the batch (actors.budget.DraftGate). Sampled requests "
         "always draft: a gate fed by wall-clock time would make a seeded sample depend on the machine's speed.")
+    batch_invariant: bool = Field(
+        True, description="A request's logits are the same bits alone and in any batch, so greedy output never "
+        "depends on who else is decoding: every row attends over its own keys (one SDPA call per distinct row "
+        "length and layer; 1.11x a one-call decode forward at 8 rows on the 2-core CPU, "
+        "results/2026-12-02-row-attention). False: one SDPA call over the padded batch, which is faster but "
+        "rounds a short row differently, so a near-tie can flip a greedy token with the batch's make-up. "
+        "Sampling stays exact for the logits computed either way. The plain backend only.")
     backend: Literal["plain", "deepspeed"] = Field(
         "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel ranks of the deepspeed backend (rank 0 runs the engine).")
@@ -35,4 +42,6 @@ class EngineConfig(BaseModel):
     def _tp_needs_deepspeed(self) -> EngineConfig:
         if self.tp_size > 1 and self.backend != "deepspeed":
             raise ValueError("tp_size > 1 needs backend 'deepspeed'")
+        if not self.batch_invariant and self.backend != "plain":
+            raise ValueError("batch_invariant=False is for the plain backend (the deepspeed ranks attend row-exact)")
         return self

@@ -78,10 +78,11 @@ class _SlotLayer(CacheLayerMixin):
 
 
 class BatchKV(Cache):
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, row_exact: bool = True) -> None:
         super().__init__(layers=[_SlotLayer(self) for _ in range(model.config.num_hidden_layers)])
         self.model = model
-        self._row_exact = use_row_exact_attention(model)  # greedy output independent of the batch
+        # Row-exact attention: greedy output independent of the batch (off: one SDPA call over the batch).
+        self._row_exact = use_row_exact_attention(model) and row_exact
         self.slots: list[Slot] = []
         self.capacity = 0  # tokens per slot in the buffers
         self._rows = slice(0, 0)

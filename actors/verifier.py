@@ -37,9 +37,9 @@ class TargetSequence:
 
 
 class Verifier:
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, batch_invariant: bool = True) -> None:
         self.model = model
-        self.kv = BatchKV(model)
+        self.kv = BatchKV(model, row_exact=batch_invariant)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:

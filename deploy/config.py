@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.engine_config import EngineConfig
 from actors.models import DEFAULT_MODEL
@@ -131,6 +131,9 @@ class ServeConfig(BaseModel):
                                "joining request stalls the running batch.")
     draft_gate: bool = Field(True, description="Hold back a greedy request's drafting while its own time outweighs "
                              "the tokens it adds (EngineConfig.draft_gate); false drafts every step.")
+    batch_invariant: bool = Field(True, description="Greedy output independent of the batch (EngineConfig."
+                                  "batch_invariant): false trades that guarantee for one attention call per layer "
+                                  "over the whole batch. Only with tp_size 1.")
     tp_size: int = Field(
         1, ge=1, description="Tensor-parallel ranks per verifier replica (DeepSpeed AutoTP): a replica is then a "
         "group of tp_size actors packed on one node, each holding the verifier's resources (a GPU in production).")
@@ -144,6 +147,11 @@ class ServeConfig(BaseModel):
             return self.device.partition(":")[0]
         return "cuda" if self.verifier.num_gpus > 0 else "cpu"
 
+    @model_validator(mode="after")
+    def _engine_config_valid(self) -> ServeConfig:
+        self.engine_config()  # a combination the engine refuses fails here, not at a replica's start
+        return self
+
     @field_validator("drafter_options")
     @classmethod
     def _known_drafter_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -156,7 +164,8 @@ class ServeConfig(BaseModel):
     def engine_config(self) -> EngineConfig:
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
         return EngineConfig(max_draft_tokens=self.max_draft_tokens, max_batch=self.max_batch,
-                            prefill_chunk=self.prefill_chunk, draft_gate=self.draft_gate, backend="deepspeed" if self.tp_size > 1 else "plain",
+                            prefill_chunk=self.prefill_chunk, draft_gate=self.draft_gate,
+                            batch_invariant=self.batch_invariant, backend="deepspeed" if self.tp_size > 1 else "plain",
                             tp_size=self.tp_size, tp_heartbeat_s=self.tp_timeout_s / 4)
     http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")

@@ -75,6 +75,9 @@ def _add_output_flags(g) -> None:
     o.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token_ids, stats)")
     o.add_argument("--concurrency", type=int, default=1, metavar="N",
                    help="decode up to N prompts together in one batch (results print in prompt order)")
+    o.add_argument("--no-batch-invariance", dest="batch_invariant", action="store_false",
+                   help="one attention call over the batch instead of one per row length: faster with "
+                        "--concurrency, but a greedy near-tie may then flip with the batch's make-up")
 
 
 def draft_options(args) -> dict:
@@ -126,6 +129,8 @@ def cmd_generate(args) -> int:
         raise UsageError("--tp must be >= 1")
     if args.concurrency < 1:
         raise UsageError("--concurrency must be >= 1")
+    if not args.batch_invariant and args.tp > 1:
+        raise UsageError("--no-batch-invariance is for one process (--tp 1)")
     if args.concurrency > 1 and args.stream:
         raise UsageError("--stream prints one prompt at a time; use --json or plain output with --concurrency")
     params = SamplingParams(
@@ -134,7 +139,7 @@ def cmd_generate(args) -> int:
     )
     prompts = read_prompts(args)
     config = EngineConfig(max_draft_tokens=args.max_draft_tokens, backend="deepspeed" if args.tp > 1 else "plain",
-                          tp_size=args.tp, max_batch=max(args.concurrency, 1))
+                          tp_size=args.tp, max_batch=max(args.concurrency, 1), batch_invariant=args.batch_invariant)
     if args.tp == 1:
         return _generate(args, prompts, params, config)
     from torch.multiprocessing import ProcessRaisedException

@@ -367,3 +367,33 @@ def test_estimate_correction_turns_an_overrating_drafter_down():
         correction.update(predicted=8 * 3.0, realised=0.0)
     assert correction.factor < 0.1
     assert choose_batch_budget([draft] * 8, 100, cost, factor=correction.factor) == [0] * 8
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batch_invariance_switch_sets_the_attention_calls_and_both_stay_close(target, monkeypatch, invariant):
+    """Three rows of three context lengths in one forward: row-exact attention makes one SDPA call per
+    distinct length and layer, ``batch_invariant=False`` one per layer; each row's logits stay those of the
+    request alone (bitwise where invariant: greedy identity rests on it; closely otherwise)."""
+    import actors.attention as attention
+
+    calls = []
+    real = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    engine = Engine(target, EngineConfig(batch_invariant=invariant), cost=CostModel.flat())
+    kv = engine.verifier.kv
+    rng = np.random.default_rng(5)
+    contexts = [rng.integers(0, V, n).tolist() for n in (5, 17, 30)]
+    slots = [kv.add() for _ in contexts]
+    for slot, ctx in zip(slots, contexts):
+        kv.forward([RowInput(slot, *causal_row(0, ctx[:-1]))])
+    calls.clear()
+    batched = kv.forward([RowInput(s, *causal_row(len(s), [c[-1]])) for s, c in zip(slots, contexts)])
+    layers = target.model.config.num_hidden_layers
+    assert len(calls) == (3 * layers if invariant else layers)
+    assert calls == ([1] * 3 * layers if invariant else [3] * layers)  # rows per call
+    with torch.inference_mode():
+        for row, ctx in zip(batched, contexts):
+            alone = target.model(torch.tensor([ctx])).logits[0, -1]
+            torch.testing.assert_close(row[-1], alone, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="plain backend"):
+        EngineConfig(batch_invariant=False, backend="deepspeed")

@@ -43,6 +43,14 @@ def test_plain_text_prompts_file_and_stream(capsys, tmp_path):
     assert err.count("[ar] ") == 2 and "tokens/forward" in err
 
 
+def test_generate_without_batch_invariance_decodes_a_batch(capsys, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first prompt\nsecond, longer prompt here\n")
+    code, out, err = run_cli(capsys, "generate", *TINY, "--prompts-file", str(prompts), "--concurrency", "2",
+                             "--no-batch-invariance", "--json")
+    assert code == 0 and len(out.strip().splitlines()) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", *TINY, ""], "empty prompt"),
     (["generate", *TINY], "no prompt given"),
@@ -53,6 +61,7 @@ def test_plain_text_prompts_file_and_stream(capsys, tmp_path):
     (["generate", *TINY, "hi", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "--model", "no-such-model", "hi"], "no-such-model"),
     (["generate", *TINY, "--prompts-file", "/nonexistent.jsonl"], "not found"),
+    (["generate", *TINY, "hi", "--no-batch-invariance", "--tp", "2"], "--no-batch-invariance is for one process"),
 ])
 def test_bad_input_is_a_message(capsys, args, message):
     code, out, err = run_cli(capsys, *args)

@@ -79,3 +79,10 @@ def test_affinity_router_is_stable_and_moves_only_lost_keys():
     fewer = ["r1", "r3"]
     moved = {k for k in owner if fewer[rendezvous_order(k, fewer)[0]] != owner[k]}
     assert moved == {k for k, r in owner.items() if r == "r2"}  # only r2's requests move
+
+
+def test_batch_invariance_reaches_the_engine_and_a_tp_group_refuses_to_drop_it():
+    assert ServeConfig().engine_config().batch_invariant
+    assert not ServeConfig(batch_invariant=False).engine_config().batch_invariant
+    with pytest.raises(ValidationError, match="plain backend"):  # at load time, not at a replica's start
+        ServeConfig(batch_invariant=False, tp_size=2)
