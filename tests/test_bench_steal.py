@@ -6,7 +6,7 @@ from pathlib import Path
 from actors.drafter import NoDrafter
 from actors.engine import Engine
 from actors.sampling import SamplingParams
-from specd.bench.batching import median_run, run_embedded
+from specd.bench.batching import median_run, pair_ratios, run_embedded
 from specd.bench.harness import (CpuSteal, CpuTimes, add_times, cpu_times, parse_cpu_line, steal_share,
                                  total_steal_pct)
 
@@ -81,3 +81,12 @@ def test_run_embedded_records_steal_and_median_run_keeps_every_runs(target):
     assert median["runs_steal_pct"] == [r["steal_pct"] for r in runs]
     assert median["runs_tokens_per_second"] == [r["tokens_per_second"] for r in runs]
     assert "steal_pct" in median  # the median run's own
+
+
+def test_served_over_embedded_is_read_pair_by_pair_not_median_over_median():
+    """Repeat i's served run over repeat i's embedded run (taken just before it): a steal burst that slowed
+    one pair slows both of its runs, so the pairs' ratios agree where the medians' ratio would not."""
+    served = median_run([{"tokens_per_second": t, "steal_pct": p, "rows": []} for t, p in ((45.0, 30.0), (90.0, 1.0), (88.0, 2.0))])
+    embedded = median_run([{"tokens_per_second": t, "steal_pct": p, "rows": []} for t, p in ((50.0, 28.0), (100.0, 1.0), (55.0, 25.0))])
+    assert pair_ratios(served, embedded) == [0.9, 0.9, 1.6]
+    assert served["tokens_per_second"] / embedded["tokens_per_second"] == 88.0 / 55.0  # what medians would say

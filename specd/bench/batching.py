@@ -15,7 +15,8 @@ concurrency 1 (greedy identity under batching) and ADED's with AR's. The budget 
 ``--repeats R`` runs each embedded level R times, the methods alternating within a repeat, and reports the
 median run (every run's tokens/s beside it): on a 2-vCPU guest the same run moves by up to a quarter.
 Every run also records the host's CPU steal over it (``steal_pct``, from /proc/stat): compare runs whose
-steal was alike.
+steal was alike. Each served run is paired with an embedded run of the same prompts just before it
+(``paired/...`` in the JSON), and served vs embedded is the median of those pairs' ratios.
 
 Memory: 16 requests of ~1k prompt tokens decoded together: KV bytes per held token and peak RSS.
 Writes ``<out>/batching.json`` and ``<out>/batching.png``.
@@ -129,7 +130,11 @@ def _progress(r: dict) -> str:
     return f"{r['tokens_per_second']} tok/s, steal {pct_text(r['steal_pct'])}"
 
 
-def measure_served(args, sets, levels, methods) -> dict:
+def measure_served(args, target, sets, levels, methods) -> dict:
+    """Served runs, each paired with an embedded run of the same prompts just before it (``paired/...``):
+    the host's steal moves in bursts of seconds, so served vs embedded is read pair by pair, never between
+    runs minutes apart. Each level gets fresh replicas, and its embedded twin a fresh drafter per method
+    that learns from the same requests in the same order (warm-up included) as the replica's does."""
     from ray import serve
 
     from deploy import local
@@ -144,23 +149,38 @@ def measure_served(args, sets, levels, methods) -> dict:
             ports.append(s.getsockname()[1])
     cfg = ServeConfig(model=args.model, default_method="ar", http_port=ports[0], grpc_port=ports[1],
                       max_batch=max(levels), torch_threads=args.served_torch_threads, verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
-    out: dict = {}
+    params = SamplingParams(max_new_tokens=args.max_tokens)
+    warm = SamplingParams(max_new_tokens=8)
+    engine = Engine(target, EngineConfig(max_batch=max(levels)))
+    runs: dict[str, list[dict]] = {}
     local.start(cfg, extra_resources={"verify_pool": 1})
     try:
         for c in levels:
             serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/")  # fresh replicas
             factory = lambda: SpecdClient(f"127.0.0.1:{cfg.grpc_port}", application=cfg.name, timeout=1200)  # noqa: E731
-            for m in methods:  # warm-up
+            twins = {m: make_drafter(m, target) for m in methods}
+            for m in methods:  # warm-up, both sides alike
                 run_served(factory, sets["mtbench"][:2], m, 8, 2)
-            for name, inputs in sets.items():
-                for m in methods:
-                    out[f"{name}/{m}/{c}"] = run_served(factory, inputs, m, args.max_tokens, c)
-                    print(f"served {name} {m} c={c}: {_progress(out[f'{name}/{m}/{c}'])}", file=sys.stderr,
-                          flush=True)
+                engine.run_many(sets["mtbench"][:2], warm, twins[m], 2)
+            freeze_gc_heap()
+            for _ in range(args.repeats):
+                for name, inputs in sets.items():
+                    for m in methods:
+                        pair = {"paired": run_embedded(engine, twins[m], inputs, params, c),
+                                "served": run_served(factory, inputs, m, args.max_tokens, c)}
+                        for side, r in pair.items():
+                            runs.setdefault(f"{side}/{name}/{m}/{c}", []).append(r)
+                        print(f"served {name} {m} c={c}: {_progress(pair['served'])}; embedded beside it: "
+                              f"{_progress(pair['paired'])}", file=sys.stderr, flush=True)
             serve.delete(cfg.name)
     finally:
         local.stop()
-    return out
+    return {key: median_run(rs) for key, rs in runs.items()}
+
+
+def pair_ratios(served: dict, paired: dict) -> list[float]:
+    """Served over embedded tokens/s, run pair by pair (repeat i of each)."""
+    return [round(s / e, 3) for s, e in zip(served["runs_tokens_per_second"], paired["runs_tokens_per_second"])]
 
 
 def measure_memory(target) -> dict:
@@ -214,7 +234,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes, ("mtbench", "humaneval")):
         for key, r in sorted(report["summary"].items()):
             side, s, m = key.split("/")
-            if s == name:
+            if s == name and side != "paired":
                 levels = sorted(int(c) for c in r)
                 ax.plot(levels, [r[str(c)]["tokens_per_second"] for c in levels], marker="o",
                         linestyle="-" if side == "embedded" else "--", label=f"{m} {side}")
@@ -242,7 +262,7 @@ def run(args) -> int:
     with CpuSteal() as steal:
         results = {f"embedded/{k}": v for k, v in measure_embedded(args, target, sets, levels, methods).items()}
         if served_levels:
-            results |= {f"served/{k}": v for k, v in measure_served(args, sets, served_levels, methods).items()}
+            results |= measure_served(args, target, sets, served_levels, methods)
     summary: dict = {}
     for key, r in results.items():
         side, name, m, c = key.split("/")
@@ -256,9 +276,11 @@ def run(args) -> int:
                 row["aded_vs_ar"] = round(summary[f"embedded/{name}/aded"][str(c)]["tokens_per_second"]
                                           / summary[f"embedded/{name}/ar"][str(c)]["tokens_per_second"], 3)
             for m in methods:
-                if f"served/{name}/{m}" in summary and str(c) in summary[f"served/{name}/{m}"]:
-                    row[f"served_vs_embedded_{m}"] = round(summary[f"served/{name}/{m}"][str(c)]["tokens_per_second"]
-                                                           / summary[f"embedded/{name}/{m}"][str(c)]["tokens_per_second"], 3)
+                served = summary.get(f"served/{name}/{m}", {}).get(str(c))
+                if served is not None:  # the median of the pairs' ratios (see measure_served)
+                    pairs = pair_ratios(served, summary[f"paired/{name}/{m}"][str(c)])
+                    row[f"served_vs_embedded_{m}"] = round(statistics.median(pairs), 3)
+                    row[f"served_vs_embedded_{m}_pairs"] = pairs
             ratios[f"{name}/{c}"] = row
     report = {"command": " ".join(["specd", *sys.argv[1:]]), "args": {k: str(v) for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
