@@ -372,8 +372,9 @@ def test_estimate_correction_turns_an_overrating_drafter_down():
 @pytest.mark.parametrize("invariant", [True, False])
 def test_batch_invariance_switch_sets_the_attention_calls_and_both_stay_close(target, monkeypatch, invariant):
     """Three rows of three context lengths in one forward: row-exact attention makes one SDPA call per
-    distinct length and layer, ``batch_invariant=False`` one per layer; each row's logits stay those of the
-    request alone (bitwise where invariant: greedy identity rests on it; closely otherwise)."""
+    distinct length and layer, ``batch_invariant=False`` one per layer; either way each row's logits stay
+    close to those of the request alone (the bitwise checks of the invariant path are in test_smollm2.py
+    and test_kernels.py)."""
     import actors.attention as attention
 
     calls = []
@@ -389,7 +390,6 @@ def test_batch_invariance_switch_sets_the_attention_calls_and_both_stay_close(ta
     calls.clear()
     batched = kv.forward([RowInput(s, *causal_row(len(s), [c[-1]])) for s, c in zip(slots, contexts)])
     layers = target.model.config.num_hidden_layers
-    assert len(calls) == (3 * layers if invariant else layers)
     assert calls == ([1] * 3 * layers if invariant else [3] * layers)  # rows per call
     with torch.inference_mode():
         for row, ctx in zip(batched, contexts):

@@ -88,8 +88,9 @@ class RowTable:
 
 
 class SearchCache:
-    """What one request's searches learnt about the store: the states of its last tree that had adaptive
-    weights, with their rows packed as the kernels read them (its next tree overlaps its last one).
+    """What one request's searches learnt about the store: the adaptive rows of its last call's table (those
+    it was preloaded with and those it found), packed as the kernels read them (its next tree overlaps its
+    last one).
     Re-checked against the store at every call (stores replace a row object whenever it changes), so it
     never makes a row stale."""
 
@@ -126,7 +127,7 @@ class SearchCache:
         return sources, (a_, b_, ids, probs, lens)
 
     def keep(self, sources: dict[State, dict], table: RowTable) -> None:
-        """Remember the adaptive states this call's tree met, with their rows as the table holds them."""
+        """Remember the table's adaptive rows (the newest ``max_states``) as the table holds them."""
         self.rows = table.adaptive_rows(self.max_states)
         self.states = list(zip(self.rows[0].tolist(), self.rows[1].tolist()))
         self.sources = [sources[s] for s in self.states]
