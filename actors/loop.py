@@ -5,6 +5,13 @@ loop thread admits them between steps, runs ``Engine.step`` while there is work,
 request its outputs through its sink: a ``StepOutput`` per step (its stats copied, so a caller may keep
 them), the last one with a finish_reason, or an exception that ended the request. ``cancel`` ends a
 request after the current step and frees its slot. Nothing here knows of Ray or gRPC.
+
+The loop's thread also *builds* the engine (loads the models): in a process it is the one thread that runs
+torch. libgomp gives each thread that opens a parallel region a pool of its own, and once the pools'
+threads outnumber the CPUs it stops spinning at barriers and sleeps on a futex instead, so each of a
+forward's hundreds of small parallel regions pays a wake-up: a forward run on a second thread after
+another loaded the model ran ~1.3x slower on 2 cores (``benchmarks/torch_threads.py``,
+``results/2026-12-07-torch-threads/``). Whoever builds a loop must leave every torch op to that thread.
 """
 
 from __future__ import annotations
@@ -28,14 +35,20 @@ Sink = Callable[[StepOutput | BaseException], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step: Callable[[StepInfo], None] | None = None) -> None:
-        self.engine = engine
+    def __init__(self, build: Callable[[], Engine], on_step: Callable[[StepInfo], None] | None = None) -> None:
+        """Start the loop's thread, which calls ``build`` (load the models, make the engine) and then serves;
+        returns once the engine is built, raising what ``build`` raised."""
         self.on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        built: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="engine-loop", daemon=True)
         self._thread.start()
+        engine = built.get()
+        if isinstance(engine, BaseException):
+            raise engine
+        self.engine: Engine = engine
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter, request_id: str,
                sink: Sink) -> None:
@@ -56,7 +69,13 @@ class EngineLoop:
         self._inbox.put(("wake", None, None))
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], Engine], built: queue.SimpleQueue) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
+            built.put(e)
+            return
+        built.put(self.engine)
         while not self._closed.is_set():
             self._drain(block=not self.engine.has_work())
             if not self.engine.has_work():

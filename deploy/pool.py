@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -17,19 +18,30 @@ from specd_api.v1 import specd_pb2 as pb
 class DrafterPool:
     def __init__(self, config: dict, role: str) -> None:
         cfg = ServeConfig.model_validate(config)
+        aux = role == "aux"
+        # A draft model loads and runs on one thread, the only one here that runs torch (actors.loop: a second
+        # thread slows every forward), so the pool's steps take turns on it. A tri-gram draft is a
+        # millisecond of Python: it runs inline on the event loop (a thread hop costs as much).
+        self._torch = ThreadPoolExecutor(1, thread_name_prefix="torch") if aux else None
+        self.host = self._torch.submit(self._build, cfg, aux).result() if aux else self._build(cfg, aux)
+        self.metrics = pool_metrics(role)
+        freeze_gc_heap()
+
+    @staticmethod
+    def _build(cfg: ServeConfig, aux: bool) -> DrafterHost:
         torch.set_num_threads(cfg.threads())
         # The target's weights are never run here: drafters need its tokenizer, identity and vocabulary size.
         target = load_tokenizer(cfg.model, device_type=cfg.verifier_device_type(), dtype=cfg.dtype)
-        aux = role == "aux"
         draft = load_model(cfg.draft_model, device=cfg.device, dtype=cfg.dtype) if aux and cfg.draft_model else None
         methods = cfg.aux_methods if aux else cfg.trigram_methods
-        self.host = DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions,
-                                vocab_size=target.vocab_size)
-        self.metrics = pool_metrics(role)
-        # A tri-gram draft is a millisecond of Python: run it inline on the event loop (a thread hop costs as
-        # much). A draft model's forwards take tens of ms and release the GIL: a thread lets requests overlap.
-        self.threaded = aux
-        freeze_gc_heap()
+        return DrafterHost(build_drafters(cfg, methods, target, draft), max_sessions=cfg.drafter_sessions,
+                           vocab_size=target.vocab_size)
+
+    async def _call(self, fn, *args):
+        """``fn(*args)`` on the torch thread (a draft model's pool), else inline."""
+        if self._torch is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
 
     def info(self) -> dict[str, int]:
         return self.host.info()
@@ -37,13 +49,13 @@ class DrafterPool:
     async def step(self, payload: bytes) -> bytes:
         """One DraftStepRequest -> DraftStepResponse (serialized: the contract, and cheap to move)."""
         req = pb.DraftStepRequest.FromString(payload)
-        reply = await asyncio.to_thread(self.host.step, req) if self.threaded else self.host.step(req)
+        reply = await self._call(self.host.step, req)
         if reply.rebuilt and req.prompt_len < len(req.context):
             self.metrics.rebuilds.inc()
         return reply.SerializeToString()
 
     async def finish(self, request_id: str) -> None:
-        self.host.finish(request_id)
+        await self._call(self.host.finish, request_id)  # a draft model's slot is freed with tensor ops
 
     def stats(self) -> dict[str, int]:
         return {"sessions": len(self.host.sessions), "rebuilds": self.host.rebuilds}

@@ -3,7 +3,8 @@
 A request is one streaming call, so its KV cache lives on this replica from prefill to the last token.
 The replica runs ONE engine loop (``actors.loop.EngineLoop``, a thread: the engine is synchronous and
 calls remote drafters with blocking handle calls, which Serve forbids on the event loop) that owns the
-batch: every live request of the replica advances in the same verify forward. Outputs cross back to
+batch: every live request of the replica advances in the same verify forward; that thread also loads the
+models, so it is the only one here that runs torch (see actors.loop for why). Outputs cross back to
 the event loop through a queue per request. A cancelled stream is cancelled in the loop, which frees
 its slot and drafter state after the current step.
 """
@@ -49,19 +50,13 @@ def join_outputs(outs: list[StepOutput]) -> StepOutput:
 class VerifierServer:
     async def __init__(self, config: dict, trigram=None, aux=None) -> None:
         self.cfg = cfg = ServeConfig.model_validate(config)
-        torch.set_num_threads(cfg.threads())
-        # A TP group loads on the CPU: DeepSpeed moves each rank's shard to its device itself.
-        self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu", dtype=cfg.dtype)
         self.tp = TPGroup(cfg) if cfg.tp_size > 1 else None
-        if self.tp is not None:  # this replica is rank 0 of a tensor-parallel group
-            self.engine = await asyncio.to_thread(self.tp.start, self.target, cfg.engine_config())
-        else:
-            self.engine = Engine(self.target, cfg.engine_config())
         self.drafters: dict[str, Drafter] = {"ar": NoDrafter()}
-        if cfg.trigram_placement == "colocated":
-            self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
-        if cfg.aux_placement == "colocated" and cfg.draft_model:
-            self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model, device=cfg.device))
+        self.metrics = verifier_metrics()
+        # The models load on the engine loop's thread, the one thread of this replica that runs torch
+        # (actors.loop: a second one slows every forward).
+        self.loop = await asyncio.to_thread(EngineLoop, self._build, self.metrics.batch_step)
+        self.engine = self.loop.engine
         self.links: dict[str, DraftLink] = {}  # pool -> its health as seen here, shared by the pool's methods
         for pool, handle in (("trigram", trigram), ("aux", aux)):
             if handle is not None:
@@ -69,10 +64,22 @@ class VerifierServer:
                 for method, info in (await handle.info.remote()).items():
                     self.drafters[method] = RemoteDrafter.from_info(handle, method, info, cfg.drafter_affinity, link)
         self.default_method = cfg.default_method if cfg.default_method in self.drafters else "ar"
-        self.metrics = verifier_metrics()
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         freeze_gc_heap()  # model, drafters and their tables live as long as the replica
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.batch_step)
+
+    def _build(self) -> Engine:
+        """The target, its engine and the colocated drafters (run on the engine loop's thread)."""
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads())
+        # A TP group loads on the CPU: DeepSpeed moves each rank's shard to its device itself.
+        self.target = load_model(cfg.model, device=cfg.device if cfg.tp_size == 1 else "cpu", dtype=cfg.dtype)
+        # A tensor-parallel replica is rank 0 of its group.
+        engine = self.tp.start(self.target, cfg.engine_config()) if self.tp else Engine(self.target, cfg.engine_config())
+        if cfg.trigram_placement == "colocated":
+            self.drafters |= build_drafters(cfg, cfg.trigram_methods, self.target, None)
+        if cfg.aux_placement == "colocated" and cfg.draft_model:
+            self.drafters |= build_drafters(cfg, cfg.aux_methods, self.target, load_model(cfg.draft_model, device=cfg.device))
+        return engine
 
     def describe(self) -> dict:
         return {"model": self.cfg.model, "methods": sorted(self.drafters), "default_method": self.default_method,

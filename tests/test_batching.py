@@ -291,7 +291,7 @@ def test_engine_loop_serves_many_threads_and_cancels(target):
     alone = Engine(target)
     expected = [alone.run(p, GREEDY, NoDrafter()).token_ids for p in prompts]
     engine = Engine(target, EngineConfig(max_batch=4), cost=CostModel.flat())
-    loop = EngineLoop(engine, on_step=lambda info: 1 / 0)  # a broken metrics hook must not stop decoding
+    loop = EngineLoop(lambda: engine, on_step=lambda info: 1 / 0)  # a broken metrics hook must not stop decoding
     got = {i: [] for i in range(len(prompts))}
     done = {i: threading.Event() for i in range(len(prompts))}
 
