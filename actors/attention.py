@@ -3,10 +3,12 @@
 Rows of a :class:`~actors.kv.BatchKV` forward have different lengths; one SDPA call over the batch's
 padded key length gives a short row the right function but not the same bits: the masked tail changes
 how the kernel blocks the sum over keys (seen with SmolLM2 on this CPU: logits off by 4e-5), so a
-near-tie could flip a greedy token depending on who else is in the batch. Here every row attends over
-its own keys only (rows of equal length share a call), which is the call it gets when decoding alone,
-so greedy output never depends on the batch. The cost is one SDPA call per distinct row length and
-layer, small next to the linears at the batch sizes served here.
+near-tie could flip a greedy token depending on who else is in the batch. The query length matters too:
+on an AVX2 EPYC the same query row came out in other bits when SDPA was given 1 query or 4 (the
+padded width of a batch with a 3-node draft in it), even on the math backend. Here every row attends
+with its own queries over its own keys only (rows of equal shape share a call), which is the call it
+gets when decoding alone, so greedy output never depends on the batch. The cost is one SDPA call per
+distinct row shape and layer, small next to the linears at the batch sizes served here.
 """
 
 from __future__ import annotations
@@ -22,20 +24,23 @@ ROW_EXACT = "specd_row_exact"
 
 def row_exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, row_kv_lengths: Sequence[int] | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA with row r's keys cut to ``row_kv_lengths[r]``: query [B, H, q, D], key/value [B, H_kv, kv, D],
-    mask [B, 1, q, kv]; returns [B, q, H, D] like transformers' sdpa_attention_forward."""
+                        row_q_lengths: Sequence[int] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA with row r's queries cut to ``row_q_lengths[r]`` and its keys to ``row_kv_lengths[r]``: query
+    [B, H, q, D], key/value [B, H_kv, kv, D], mask [B, 1, q, kv]; returns [B, q, H, D] like transformers'
+    sdpa_attention_forward, zeros at a row's padded queries."""
     if row_kv_lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    q_all = query.shape[2]
+    shapes = list(zip(row_kv_lengths, row_q_lengths or [q_all] * len(row_kv_lengths)))
     outs, start = [], 0
-    while start < len(row_kv_lengths):
-        n, end = row_kv_lengths[start], start + 1
-        while end < len(row_kv_lengths) and row_kv_lengths[end] == n:
+    while start < len(shapes):
+        (n, q), end = shapes[start], start + 1
+        while end < len(shapes) and shapes[end] == (n, q):
             end += 1
         rows = slice(start, end)
-        mask = None if attention_mask is None else attention_mask[rows, :, :, :n]
-        out, _ = sdpa_attention_forward(module, query[rows], key[rows, :, :n], value[rows, :, :n], mask, **kwargs)
-        outs.append(out)
+        mask = None if attention_mask is None else attention_mask[rows, :, :q, :n]
+        out, _ = sdpa_attention_forward(module, query[rows, :, :q], key[rows, :, :n], value[rows, :, :n], mask, **kwargs)
+        outs.append(out if q == q_all else torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q_all - q)))
         start = end
     return torch.cat(outs), None
 
