@@ -66,6 +66,13 @@ def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostMod
     return [len(d) if d.p_accept is None else min(level, len(d)) for d in drafts]
 
 
+def expected_tokens(drafts: Sequence[Draft], keep: Sequence[int], factor: float = 1.0) -> float:
+    """What a step is expected to yield: one token per row plus its kept nodes' estimates, scaled as
+    ``choose_batch_budget`` scales them (nodes without an estimate count none)."""
+    return len(drafts) + sum(float(np.minimum(1.0, factor * np.asarray(d.p_accept[:n], np.float64)).sum())
+                             for d, n in zip(drafts, keep) if d.p_accept is not None)
+
+
 class DraftGate:
     """Whether drafting pays for itself for one request once its own time is counted.
 

@@ -9,25 +9,25 @@ request alone.
 
 from __future__ import annotations
 
-import gc
 import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
-from actors.budget import DraftGate, EstimateCorrection, choose_batch_budget
+from actors.budget import DraftGate, EstimateCorrection, choose_batch_budget, expected_tokens
 from actors.cost import CostModel
 from actors.detok import Detokenizer, find_stop
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
 from actors.engine_config import EngineConfig
 from actors.models import LoadedModel
+from actors.process import freeze_gc_heap
 from actors.profile import default_cost
 from actors.sampling import SamplingParams, warp
 from actors.stats import Generation, GenerationStats, RequestFailed, StepInfo, StepOutput, collect
@@ -104,6 +104,7 @@ class Engine:
     def step(self) -> list[tuple[str, StepOutput | BaseException]]:
         """One step of every live request; returns what each produced (an exception ends that request)."""
         events: list[tuple[str, StepOutput | BaseException]] = []
+        self.last_step = None  # set by a step that decodes (not one that only prefills)
         self._admit(events)
         live = self._prefill()
         if not live:
@@ -269,8 +270,8 @@ class Engine:
         cut = [d.prefix(n) for d, n in zip(drafts, keep)]
         rows, level = len(live), max(keep)
         ratio = self.cost.forward_seconds(1 + level, context, rows) / self.cost.forward_seconds(1, context, rows)
-        self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep),
-                                  tokens=rows * (1 + level), cost_ratio=ratio)
+        self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep), tokens=rows * (1 + level),
+                                  cost_ratio=ratio, expected=expected_tokens(drafts, keep, self.correction.factor))
         return cut
 
     def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
@@ -360,8 +361,10 @@ class Engine:
         return collect(self.generate(prompt_ids, params, drafter))
 
     def run_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 drafter: Drafter, concurrency: int | None = None) -> list[Generation | BaseException]:
-        """Decode ``prompts`` batched, ``concurrency`` at a time (default: all); results in prompt order."""
+                 drafter: Drafter, concurrency: int | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None) -> list[Generation | BaseException]:
+        """Decode ``prompts`` batched, ``concurrency`` at a time (default: all); results in prompt order.
+        ``on_step`` gets each decoding step's shape."""
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         limit = concurrency or len(prompts)
         outputs: dict[str, list[StepOutput]] = {}
@@ -372,7 +375,10 @@ class Engine:
                 order.append(rid)
                 outputs[rid] = []
                 nxt += 1
-            for rid, out in self.step():
+            events = self.step()
+            if on_step is not None and self.last_step is not None:
+                on_step(self.last_step)
+            for rid, out in events:
                 if isinstance(out, BaseException):
                     results[rid] = out
                 else:
@@ -388,13 +394,4 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.verifier.close()
-
-
-def freeze_gc_heap() -> None:
-    """Put every object alive now (modules, tokenizers, drafter tables: they live as long as the process)
-    out of the cyclic GC's reach, as vLLM does after startup: a full collection, which can land inside any
-    batch step, then walks a few hundred objects instead of ~0.5 M (results/2026-12-02-gc). Call again
-    once drafters are built."""
-    gc.collect()
-    gc.freeze()
 

@@ -56,6 +56,12 @@ class StepInfo:
     verified: int  # draft nodes the batch budget kept
     tokens: int  # query tokens fed, padding included: rows x (1 + longest kept draft)
     cost_ratio: float = 1.0  # the cost curve's price of the step as a multiple of a plain step of its rows
+    expected: float = 0.0  # tokens the budget expects: rows + the kept nodes' (corrected) estimates
+
+    @property
+    def expected_speedup(self) -> float:
+        """The budget's view of the step against a plain step of its rows: expected tokens per unit cost."""
+        return self.expected / (self.rows * self.cost_ratio)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Cyclic-GC pauses during batched ADED decoding, with the startup heap frozen or not.
 
-``actors.engine.freeze_gc_heap`` moves the objects alive after startup (modules, tokenizers, drafter
+``actors.process.freeze_gc_heap`` moves the objects alive after startup (modules, tokenizers, drafter
 tables) out of the collector's reach. This measures what that buys: every collection's duration (through
 ``gc.callbacks``) over the same batched runs, frozen and unfrozen alternating. Writes JSON to ``--out``.
 
@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from actors.engine import Engine, EngineConfig, freeze_gc_heap
+from actors.engine import Engine, EngineConfig
 from actors.methods import make_drafter
 from actors.models import load_model
+from actors.process import freeze_gc_heap
 from actors.sampling import SamplingParams
 from specd.bench.prompts import mtbench_prompts
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from actors.engine import freeze_gc_heap
+from actors.process import freeze_gc_heap
 from actors.models import load_model, load_tokenizer
 from deploy.config import ServeConfig
 from deploy.drafters import DrafterHost, build_drafters

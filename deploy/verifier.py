@@ -21,11 +21,12 @@ from typing import AsyncIterator
 import torch
 
 from actors.drafter import Drafter, NoDrafter, with_options
-from actors.engine import Engine, freeze_gc_heap
-from actors.stats import StepOutput
+from actors.engine import Engine
 from actors.loop import EngineLoop
 from actors.methods import METHODS
 from actors.models import load_model
+from actors.process import freeze_gc_heap
+from actors.stats import StepOutput
 from deploy.config import ServeConfig
 from deploy.drafters import CappedDrafter, DraftLink, RemoteDrafter, build_drafters
 from deploy.metrics import verifier_metrics

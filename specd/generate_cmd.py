@@ -166,7 +166,8 @@ def _generate_rank(rank: int, args, prompts: list[str], params, config) -> None:
 
 def _generate(args, prompts: list[str], params, config) -> int:
     from actors.drafter import with_options
-    from actors.engine import Engine, freeze_gc_heap
+    from actors.engine import Engine
+    from actors.process import freeze_gc_heap
     from actors.methods import METHODS, make_drafter
     from actors.models import load_model
 

@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
-from actors.engine import Engine, EngineConfig, freeze_gc_heap
+from actors.engine import Engine, EngineConfig
 from actors.methods import make_drafter
 from actors.models import load_model
+from actors.process import freeze_gc_heap
 from actors.sampling import SamplingParams
+from actors.stats import StepInfo
 from specd.bench.harness import CpuSteal, pct_text, steal_fields
 from specd.bench.prompts import humaneval_prompts, mtbench_prompts
 from specd.common import UsageError
@@ -56,16 +58,26 @@ def _summary(rows: list[dict], wall: float) -> dict:
             "tokens_per_forward": round(tokens / max(1, sum(r["forwards"] for r in rows)), 3)}
 
 
+def step_fields(steps: list[StepInfo]) -> dict:
+    """The decode steps' shape: rows per step, how often the budget kept nodes, and what it expected of
+    them (tokens per unit cost against a plain step, from the cost curve and the corrected estimates)."""
+    n = max(1, len(steps))
+    return {"steps": len(steps), "mean_rows_per_step": round(sum(s.rows for s in steps) / n, 3),
+            "speculative_steps_pct": round(100 * sum(s.verified > 0 for s in steps) / n, 1),
+            "budget_expected_speedup": round(sum(s.expected_speedup for s in steps) / n, 3)}
+
+
 def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: SamplingParams, c: int) -> dict:
+    steps: list[StepInfo] = []
     with CpuSteal() as steal:
         t = time.perf_counter()
-        outs = engine.run_many(inputs, params, drafter, concurrency=c)
+        outs = engine.run_many(inputs, params, drafter, concurrency=c, on_step=steps.append)
         wall = time.perf_counter() - t
     bad = [o for o in outs if isinstance(o, BaseException)]
     if bad:
         raise bad[0]
     rows = [{"tokens": o.token_ids, "seconds": o.stats.seconds, "forwards": o.stats.target_forwards} for o in outs]
-    return {"rows": rows, **_summary(rows, wall), **steal_fields(steal.delta)}
+    return {"rows": rows, **_summary(rows, wall), **step_fields(steps), **steal_fields(steal.delta)}
 
 
 def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens: int, c: int) -> dict:

@@ -1,0 +1,53 @@
+"""What the engine reports of each decoding step (StepInfo): the budget's expectation, and that only steps
+that decode are reported (a step that only prefills is not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.budget import expected_tokens
+from actors.cost import CostModel
+from actors.draft import Draft
+from actors.drafter import NoDrafter
+from actors.engine import Engine, EngineConfig
+from actors.sampling import SamplingParams
+from actors.stats import StepInfo
+from specd.bench.batching import run_embedded
+
+
+def _estimated(p: list[float]) -> Draft:
+    return Draft(np.arange(1, len(p) + 1), list(range(-1, len(p) - 1)), p_accept=np.array(p))
+
+
+def test_expected_tokens_is_rows_plus_the_kept_estimates_scaled_and_capped_as_the_budget_reads_them():
+    drafts = [_estimated([0.9, 0.5, 0.2]), Draft.chain([5, 6]), Draft.empty()]
+    assert expected_tokens(drafts, [2, 2, 0]) == pytest.approx(3 + 0.9 + 0.5)  # the chain has no estimates
+    assert expected_tokens(drafts, [3, 2, 0], factor=0.5) == pytest.approx(3 + 0.45 + 0.25 + 0.1)
+    assert expected_tokens(drafts, [3, 2, 0], factor=2.0) == pytest.approx(3 + 1.0 + 1.0 + 0.4)
+
+
+def test_expected_speedup_is_expected_tokens_per_plain_step_of_the_rows():
+    info = StepInfo(rows=4, proposed=8, verified=6, tokens=12, cost_ratio=1.25, expected=7.5)
+    assert info.expected_speedup == pytest.approx(7.5 / (4 * 1.25))
+
+
+def test_run_many_reports_every_decoding_step_and_no_prefill_only_step(target):
+    engine = Engine(target, EngineConfig(max_batch=2, prefill_chunk=4), cost=CostModel.flat())
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    engine.add(list(range(1, 11)), params, NoDrafter(), "long")  # 10 prompt tokens: 3 chunks of 4
+    assert engine.step() == [] and engine.last_step is None  # prefill only: no decoding step to report
+    engine.abort("long")
+    steps: list[StepInfo] = []
+    outs = engine.run_many([list(range(1, 11)), [1, 2, 3]], params, NoDrafter(), on_step=steps.append)
+    # one row per request per decoding step, and no step without a row (the long prompt's prefill-only steps)
+    assert sum(s.rows for s in steps) == sum(o.stats.target_forwards for o in outs) == 10
+    assert all(s.rows >= 1 for s in steps) and any(s.rows == 2 for s in steps)
+    assert all(s.verified == 0 and s.expected == s.rows and s.expected_speedup == 1.0 for s in steps)
+
+
+def test_run_embedded_summarises_the_steps(target):
+    engine = Engine(target, EngineConfig(max_batch=2), cost=CostModel.flat())
+    r = run_embedded(engine, NoDrafter(), [[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True), 2)
+    assert r["steps"] == 3 and r["mean_rows_per_step"] == 2.0
+    assert r["speculative_steps_pct"] == 0.0 and r["budget_expected_speedup"] == 1.0
