@@ -70,8 +70,8 @@ def _pack(linear: nn.Linear) -> None:
         if x.numel() == x.shape[-1]:
             # One row takes oneDNN's one-row path, which sums in another order than its many-row one (seen
             # for K=1536), so a request alone would round unlike the same request in a batch and a near-tie
-            # could flip a greedy token. Two rows cost what one does (the weights are read either way); cat,
-            # one kernel, not repeat, a dozen small ops: ~4 vs ~18 us, over ~200 linears a forward.
+            # could flip a greedy token. Two rows cost what one does (the weights are read either way). cat is
+            # one kernel; repeat was a dozen small ops per linear, which showed over a forward's ~200 linears.
             row = x.reshape(1, -1)
             two = torch.ops.mkldnn._linear_pointwise(torch.cat((row, row)), packed, bias, "none", [], "")
             return two[:1].reshape(*x.shape[:-1], -1)
