@@ -51,7 +51,7 @@ def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostMod
     ``factor`` scales every estimate (:class:`EstimateCorrection`)."""
     rows = len(drafts)
     fixed = [len(d) for d in drafts if d.p_accept is None]
-    ranked = [np.minimum(1.0, factor * np.asarray(d.p_accept, np.float64)) for d in drafts if d.p_accept is not None]
+    ranked = [_corrected(d.p_accept, factor) for d in drafts if d.p_accept is not None]
     lo = max(fixed, default=0)
     hi = max([lo] + [len(p) for p in ranked])
     if hi == lo:
@@ -69,8 +69,13 @@ def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostMod
 def expected_tokens(drafts: Sequence[Draft], keep: Sequence[int], factor: float = 1.0) -> float:
     """What a step is expected to yield: one token per row plus its kept nodes' estimates, scaled as
     ``choose_batch_budget`` scales them (nodes without an estimate count none)."""
-    return len(drafts) + sum(float(np.minimum(1.0, factor * np.asarray(d.p_accept[:n], np.float64)).sum())
+    return len(drafts) + sum(float(_corrected(d.p_accept[:n], factor).sum())
                              for d, n in zip(drafts, keep) if d.p_accept is not None)
+
+
+def _corrected(p_accept: np.ndarray, factor: float) -> np.ndarray:
+    """Estimates as the budget reads them: scaled by the correction factor, at most 1."""
+    return np.minimum(1.0, factor * np.asarray(p_accept, np.float64))
 
 
 class DraftGate:

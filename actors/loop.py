@@ -10,7 +10,7 @@ The loop's thread also *builds* the engine (loads the models): in a process it i
 torch. libgomp gives each thread that opens a parallel region a pool of its own, and once the pools'
 threads outnumber the CPUs it stops spinning at barriers and sleeps on a futex instead, so each of a
 forward's hundreds of small parallel regions pays a wake-up: a forward run on a second thread after
-another loaded the model ran ~1.3x slower on 2 cores (``benchmarks/torch_threads.py``,
+another loaded the model ran 1.36x slower on 2 cores (``benchmarks/torch_threads.py``,
 ``results/2026-12-07-torch-threads/``). Whoever builds a loop must leave every torch op to that thread.
 """
 
@@ -45,10 +45,9 @@ class EngineLoop:
         built: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(build, built), name="engine-loop", daemon=True)
         self._thread.start()
-        engine = built.get()
-        if isinstance(engine, BaseException):
-            raise engine
-        self.engine: Engine = engine
+        self.engine: Engine  # set on the loop's thread, before it reports
+        if isinstance(error := built.get(), BaseException):
+            raise error
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter, request_id: str,
                sink: Sink) -> None:
@@ -75,7 +74,7 @@ class EngineLoop:
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             built.put(e)
             return
-        built.put(self.engine)
+        built.put(None)
         while not self._closed.is_set():
             self._drain(block=not self.engine.has_work())
             if not self.engine.has_work():
