@@ -3,8 +3,12 @@
 The result feeds :class:`actors.cost.CostModel`, which the batch budget reads. Each point is the median
 of ``repeats`` timed forwards through the engine's own path (a ``BatchKV`` of ``rows`` sequences, each
 fed its pending token plus a chain of ``k - 1`` nodes), after a warm-up, with the caches rolled back
-between runs. Rounds sweep every (rows, k) in turn, so a burst of load on a shared machine lands on all
-points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
+between runs. The rows hold ``context`` minus 0, 1, 2, ... tokens: a served batch is ragged, and batch
+invariance runs one attention call per distinct row length (actors.attention), which shows most at one
+token a row (8 rows vs 1: 1.3-1.9x ragged, 1.1-1.4x equal; results/2026-12-07f-profile vs -d). Timed on
+equal rows, the curve priced a plain many-row step below what the engine pays, so wide steps looked
+dearer against it than they are. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
+machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
 (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
 by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a CPU curve.
 """
@@ -49,20 +53,21 @@ def measure_verify_cost(
     for ctx in context_lengths:
         kv = BatchKV(target.model)
         slots = [kv.add() for _ in range(max(batch_sizes))]
-        for slot in slots:
-            kv.forward([RowInput(slot, *causal_row(0, rng.integers(0, vocab, ctx).tolist()))], logits=False)
+        lengths = [max(1, ctx - i) for i in range(len(slots))]  # ragged, as a served batch is; the longest is ctx
+        for slot, n in zip(slots, lengths):
+            kv.forward([RowInput(slot, *causal_row(0, rng.integers(0, vocab, n).tolist()))], logits=False)
         points = [(b, k) for b in batch_sizes for k in k_values if b * k <= MAX_TOKENS_PER_STEP or k == 1]
         times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
         for r in range(repeats + 1):  # round 0 warms up allocator and kernels
             for b, k in points:
-                rows = [RowInput(s, *tree_row(ctx, int(rng.integers(vocab)), rng.integers(0, vocab, k - 1),
-                                              np.arange(k - 1) - 1, np.arange(1, k))) for s in slots[:b]]
+                rows = [RowInput(s, *tree_row(n, int(rng.integers(vocab)), rng.integers(0, vocab, k - 1),
+                                              np.arange(k - 1) - 1, np.arange(1, k))) for s, n in zip(slots[:b], lengths)]
                 t = time.perf_counter()
                 kv.forward(rows)
                 if r:
                     times[(b, k)].append(time.perf_counter() - t)
-                for s in slots[:b]:
-                    kv.crop(s, ctx)
+                for s, n in zip(slots[:b], lengths):
+                    kv.crop(s, n)
         grid = _fill([[statistics.median(times[(b, k)]) if (b, k) in times else np.nan for k in k_values]
                       for b in batch_sizes], batch_sizes, k_values)
         if progress:
@@ -79,6 +84,7 @@ def measure_verify_cost(
         "kernels": kernels_of(target.model),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "repeats": repeats,
+        "rows": "ragged",  # each row one token shorter than the last (curves without this field: equal rows)
         "batch": batch_sizes,
         "k": k_values,
         "context_lengths": list(context_lengths),

@@ -355,6 +355,29 @@ def test_a_cuda_target_is_never_budgeted_with_the_cpu_curve():
     assert flat.relative(64, 512) == 1.0 and fallback_cost(on_cpu).relative(64, 512) > 1.5
 
 
+def test_the_profile_times_ragged_rows_as_the_engine_batches_them(target, monkeypatch):
+    """A served batch's rows differ in length, and batch invariance attends row by row, so a curve timed on
+    equal rows would price a plain many-row step below what the engine pays. Every timed forward of
+    ``specd profile`` has rows of distinct lengths, the longest the context it is filed under."""
+    from actors.profile import measure_verify_cost
+
+    seen: list[tuple[int, list[int], int]] = []
+    forward = BatchKV.forward
+
+    def spy(self, batch, logits=True):
+        if logits:  # a timed forward (prompts are cached with logits=False)
+            seen.append((len(batch), sorted(len(r.slot) for r in batch), max(len(r.ids) for r in batch)))
+        return forward(self, batch, logits)
+
+    monkeypatch.setattr(BatchKV, "forward", spy)
+    profile = measure_verify_cost(target, k_values=(1, 3), context_lengths=(16, 32),
+                                  batch_sizes=(1, 4), repeats=1)
+    assert profile["rows"] == "ragged"
+    assert {(rows, k) for rows, _, k in seen} == {(1, 1), (1, 3), (4, 1), (4, 3)}
+    for rows, lengths, _ in seen:
+        assert len(set(lengths)) == rows and max(lengths) in (16, 32)
+
+
 def test_estimate_correction_turns_an_overrating_drafter_down():
     """Drafts that claim 0.9 per node but are never accepted stop buying padded columns within a few steps."""
     from actors.budget import EstimateCorrection
