@@ -259,10 +259,10 @@ def test_mcts_sampled_output_has_target_distribution(value):
     config = AdedConfig(search="mcts", mcts={"simulations": 40, "value": value},
                         adapt={"verified_delta": 0.0, "topk_weights": ()}, suffix={"enabled": False})
     drafter = _Recording(AdedDrafter(matrix, store, config, CostModel.flat()))
-    n, pairs = 1500, []
-    for s in range(n):
-        out = engine.run(prompt, params.model_copy(update={"seed": s}), drafter)
-        pairs.append(tuple(out.token_ids[:2]))
+    n = 1500  # 16 decoding at a time on a flat curve (the batch budget keeps every node), each its own seed
+    outs = engine_mod.Engine(target, cost=CostModel.flat()).run_many(
+        [prompt] * n, [params.model_copy(update={"seed": s}) for s in range(n)], drafter, 16)
+    pairs = [tuple(out.token_ids[:2]) for out in outs]
     siblings = sum(1 for first, _ in drafter.sizes if first >= 2)  # multi-draft rejection at level 1
     deep = sum(1 for _, below in drafter.sizes if below > 0)  # and depth 2
     assert siblings > n // 10 and deep > n // 10, (siblings, deep, len(drafter.sizes))
