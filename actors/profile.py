@@ -15,6 +15,8 @@ by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import statistics
@@ -35,6 +37,20 @@ DEFAULT_K = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_BATCH = (1, 2, 4, 8, 16)
 DEFAULT_CONTEXTS = (64, 256, 1024)
 MAX_TOKENS_PER_STEP = 512  # rows x k beyond this is not measured (extrapolated): no budget goes there
+
+log = logging.getLogger(__name__)
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure_verify_cost(
@@ -82,7 +98,8 @@ def measure_verify_cost(
         "dtype": str(target.model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "kernels": kernels_of(target.model),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                    "cpus": os.cpu_count()},
         "repeats": repeats,
         "rows": "ragged",  # each row one token shorter than the last (curves without this field: equal rows)
         "batch": batch_sizes,
@@ -127,4 +144,13 @@ def fallback_cost(target: LoadedModel) -> CostModel:
 def default_cost(target: LoadedModel) -> CostModel:
     """The target's ``specd profile`` curve for its device, dtype and kernels, else the fallback."""
     path = profile_path(target)
-    return CostModel.from_json(path) if path.exists() else fallback_cost(target)
+    if not path.exists():
+        return fallback_cost(target)
+    # Another CPU's curve is lossless but mis-tunes the budget (two 2-core guests of this project's differed
+    # in which steps speculation pays): say so rather than budget silently with it.
+    profile = json.loads(path.read_text())
+    measured = profile.get("machine", {}).get("cpu_model")
+    if target.device_type == "cpu" and measured not in (None, cpu_model()):
+        log.warning("verify-cost curve %s was measured on %r, this machine is %r: run `specd profile` here",
+                    path, measured, cpu_model())
+    return CostModel.from_profile(profile)

@@ -378,6 +378,26 @@ def test_the_profile_times_ragged_rows_as_the_engine_batches_them(target, monkey
         assert len(set(lengths)) == rows and max(lengths) in (16, 32)
 
 
+def test_a_curve_from_another_cpu_is_used_with_a_warning(target, tmp_path, monkeypatch, caplog):
+    """The profile records the CPU model; a curve measured on another CPU still budgets (any budget is
+    lossless) but the engine says so, naming both CPUs; this machine's own curve loads silently."""
+    import json
+    import logging
+
+    import actors.profile as profile_mod
+
+    curve = {"k": [1, 2], "context_lengths": [0, 1e6], "seconds": [[1.0, 1.5]] * 2}
+    path = tmp_path / "curve.json"
+    monkeypatch.setattr(profile_mod, "profile_path", lambda _: path)
+    with caplog.at_level(logging.WARNING, logger="actors.profile"):
+        path.write_text(json.dumps({**curve, "machine": {"cpu_model": profile_mod.cpu_model()}}))
+        assert profile_mod.default_cost(target).relative(2, 100) == 1.5
+        assert not caplog.records
+        path.write_text(json.dumps({**curve, "machine": {"cpu_model": "Some Other CPU"}}))
+        assert profile_mod.default_cost(target).relative(2, 100) == 1.5
+    assert "Some Other CPU" in caplog.text and profile_mod.cpu_model() in caplog.text
+
+
 def test_estimate_correction_turns_an_overrating_drafter_down():
     """Drafts that claim 0.9 per node but are never accepted stop buying padded columns within a few steps."""
     from actors.budget import EstimateCorrection
