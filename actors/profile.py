@@ -5,7 +5,7 @@ of ``repeats`` timed forwards through the engine's own path (a ``BatchKV`` of ``
 fed its pending token plus a chain of ``k - 1`` nodes), after a warm-up, with the caches rolled back
 between runs. The rows hold ``context`` minus 0, 1, 2, ... tokens: a served batch is ragged, and batch
 invariance runs one attention call per distinct row length (actors.attention), which shows most at one
-token a row (8 rows vs 1: 1.3-1.9x ragged, 1.1-1.4x equal; results/2026-12-07f-profile vs -d). Timed on
+token a row (8 rows vs 1: 1.4-2.1x ragged, 1.1-1.4x equal; results/2026-12-07f-profile vs -d). Timed on
 equal rows, the curve priced a plain many-row step below what the engine pays, so wide steps looked
 dearer against it than they are. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
 machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
