@@ -24,7 +24,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
-from actors.attention import use_row_exact_attention
+from actors.attention import kv_bucket, use_row_exact_attention
 from actors.draft import tree_attention_mask
 
 _ALIGN = 64  # capacity granularity (tokens)
@@ -129,7 +129,7 @@ class BatchKV(Cache):
         by_row = {r.slot.row - lo: r for r in batch}
         n_rows, q = hi - lo, max(len(r.ids) for r in batch)
         lengths = [len(self.slots[i]) for i in range(lo, hi)]
-        self._kv_len = max(lengths) + q
+        self._kv_len = kv_bucket(max(lengths) + q)  # every row's keys can be cut at its own bucket
         # Capacity follows the longest live row, not only this forward's rows (a joining row's prefill
         # covers itself alone: fitted to it, the buffers would shrink under the others' entries).
         self._fit(max(self._kv_len, max(len(s) for s in self.slots)))

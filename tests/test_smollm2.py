@@ -46,7 +46,9 @@ def test_lossless_drafts_give_identical_tokens(runs, smollm2):
 
 def test_a_request_gets_the_same_logits_alone_and_in_a_ragged_batch(smollm2):
     """Greedy output may not depend on who else is in the batch: a request's logits decoded alone equal,
-    bit for bit, its logits inside a batch of rows of other lengths and drafts (plain steps and trees)."""
+    bit for bit, its logits inside a batch of rows of other lengths and drafts (plain steps and trees),
+    rows 0 and 1 of different lengths sharing an attention call (the same key bucket), with stale entries
+    of a longer, rolled-back sequence in the masked columns past their own."""
     import numpy as np
     import torch
 
@@ -55,20 +57,23 @@ def test_a_request_gets_the_same_logits_alone_and_in_a_ragged_batch(smollm2):
 
     rng = np.random.default_rng(0)
     vocab = smollm2.model.config.vocab_size
-    contexts = [rng.integers(0, vocab, n).tolist() for n in (37, 90, 5, 61)]
-    drafts = [Draft.empty(), Draft.chain([11, 12, 13]), Draft(np.array([5, 6, 7]), np.array([-1, -1, 0])),
+    contexts = [rng.integers(0, vocab, n).tolist() for n in (37, 50, 90, 5, 61)]
+    drafts = [Draft.empty(), Draft.empty(), Draft.chain([11, 12, 13]), Draft(np.array([5, 6, 7]), np.array([-1, -1, 0])),
               Draft.empty()]
 
-    def prefilled(kv: BatchKV, ctx: list[int]):
+    def prefilled(kv: BatchKV, ctx: list[int], stale: int = 0):
         slot = kv.add()
         kv.forward([RowInput(slot, *causal_row(0, ctx[:-1]))], logits=False)
+        if stale:  # entries past the row's length that a rejected draft would leave
+            kv.forward([RowInput(slot, *causal_row(len(slot), rng.integers(0, vocab, stale).tolist()))], logits=False)
+            kv.crop(slot, len(ctx) - 1)
         return slot
 
     def row(slot, ctx, d):
         return RowInput(slot, *tree_row(len(slot), ctx[-1], d.tokens, d.parents, d.depths()))
 
     batch = BatchKV(smollm2.model)
-    slots = [prefilled(batch, c) for c in contexts]
+    slots = [prefilled(batch, c, stale=40) for c in contexts]
     batched = batch.forward([row(s, c, d) for s, c, d in zip(slots, contexts, drafts)])
     for ctx, d, got in zip(contexts, drafts, batched):
         alone = BatchKV(smollm2.model)
