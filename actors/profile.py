@@ -4,10 +4,11 @@ The result feeds :class:`actors.cost.CostModel`, which the batch budget reads. E
 of ``repeats`` timed forwards through the engine's own path (a ``BatchKV`` of ``rows`` sequences, each
 fed its pending token plus a chain of ``k - 1`` nodes), after a warm-up, with the caches rolled back
 between runs. The rows hold ``context`` minus 0, 1, 2, ... tokens: a served batch is ragged, and batch
-invariance runs one attention call per distinct row length (actors.attention), which shows most at one
-token a row (8 rows vs 1: 1.4-2.1x ragged, 1.1-1.4x equal; results/2026-12-07f-profile vs -d). Timed on
-equal rows, the curve priced a plain many-row step below what the engine pays, so wide steps looked
-dearer against it than they are. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
+invariance runs an attention call per run of rows whose key lengths round alike (actors.attention),
+which shows most at one token a row. Timed on equal rows, a curve priced a plain many-row step below
+what the engine paid when every row was its own call (8 rows vs 1: 1.4-2.1x ragged, 1.1-1.4x equal;
+results/2026-12-07f-profile vs -d). Rows this close share key buckets: a batch spread wider makes a few
+more calls than timed here. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
 machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
 (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
 by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a CPU curve.
