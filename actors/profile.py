@@ -9,8 +9,8 @@ which shows most at one token a row. Timed on equal rows, a curve priced a plain
 what the engine paid when every row was its own call (8 rows vs 1: 1.4-2.1x ragged, 1.1-1.4x equal;
 results/2026-12-07f-profile vs -d). Rows this close share key buckets: a batch spread wider makes a few
 more calls than timed here. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
-machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in k and in rows
-(``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
+machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in
+k and in rows (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
 by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a CPU curve.
 """
 

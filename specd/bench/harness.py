@@ -25,6 +25,7 @@ from tqdm import tqdm
 from actors.drafter import Drafter
 from actors.engine import Engine
 from actors.models import LoadedModel
+from actors.profile import cpu_model
 from actors.sampling import SamplingParams
 
 
@@ -170,8 +171,7 @@ def machine() -> dict:
     """What a reader needs to judge the run's figures: CPU, cores, memory, versions, load when it started."""
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     mem = next((line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), "0")
     return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "memory_gib": round(int(mem) / 2**20, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
