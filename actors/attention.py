@@ -52,7 +52,8 @@ def row_exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             end += 1
         rows = slice(start, end)
         mask = None if attention_mask is None else attention_mask[rows, :, :q, :n]
-        out, _ = sdpa_attention_forward(module, query[rows, :, :q], key[rows, :, :n], value[rows, :, :n], mask, **kwargs)
+        out, _ = sdpa_attention_forward(module, query[rows, :, :q], key[rows, :, :n], value[rows, :, :n], mask,
+                                        **kwargs)
         outs.append(out if q == q_all else torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q_all - q)))
         start = end
     return torch.cat(outs), None

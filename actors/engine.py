@@ -270,8 +270,9 @@ class Engine:
         cut = [d.prefix(n) for d, n in zip(drafts, keep)]
         rows, level = len(live), max(keep)
         ratio = self.cost.forward_seconds(1 + level, context, rows) / self.cost.forward_seconds(1, context, rows)
-        self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep), tokens=rows * (1 + level),
-                                  cost_ratio=ratio, expected=expected_tokens(drafts, keep, self.correction.factor))
+        self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep),
+                                  tokens=rows * (1 + level), cost_ratio=ratio,
+                                  expected=expected_tokens(drafts, keep, self.correction.factor))
         return cut
 
     def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:

@@ -30,7 +30,8 @@ class EngineConfig(BaseModel):
         "depends on who else is decoding: every row attends over its own keys, cut at a multiple of 64 (one SDPA "
         "call per layer and run of neighbouring rows that round alike; with a call per row it measured 1.11x a "
         "one-call decode forward at 8 rows on a 2-core Xeon, results/2026-12-02-row-attention). False: one "
-        "SDPA call over the padded batch, which is faster but rounds a short row differently, so a near-tie can flip a greedy token with the batch's make-up. "
+        "SDPA call over the padded batch, which is faster but rounds a short row differently, so a near-tie "
+        "can flip a greedy token with the batch's make-up. "
         "Sampling stays exact for the logits computed either way. The plain backend only.")
     backend: Literal["plain", "deepspeed"] = Field(
         "plain", description="Verifier backend: the model as loaded, or sharded by DeepSpeed AutoTP (actors.tp).")

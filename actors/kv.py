@@ -149,8 +149,8 @@ class BatchKV(Cache):
         self._cols = torch.tensor(lengths, dtype=torch.long)[:, None] + torch.arange(q)[None, :]
         # Each row's own queries and keys (its entries plus its real queries): what it attends with alone.
         own_q = [len(by_row[i].ids) if i in by_row else 1 for i in range(n_rows)]  # a padding row: any width
-        extra = {"row_kv_lengths": [max(1, lengths[i] + own_q[i] if i in by_row else lengths[i]) for i in range(n_rows)],
-                 "row_q_lengths": own_q} if self._row_exact else {}
+        own_kv = [max(1, lengths[i] + own_q[i] if i in by_row else lengths[i]) for i in range(n_rows)]
+        extra = {"row_kv_lengths": own_kv, "row_q_lengths": own_q} if self._row_exact else {}
         hidden = self.model.base_model(
             input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
             cache=self, use_cache=True, **extra,

@@ -12,4 +12,3 @@ def freeze_gc_heap() -> None:
     once drafters are built."""
     gc.collect()
     gc.freeze()
-

@@ -10,8 +10,9 @@ what the engine paid when every row was its own call (8 rows vs 1: 1.4-2.1x ragg
 results/2026-12-07f-profile vs -d). Rows this close share key buckets: a batch spread wider makes a few
 more calls than timed here. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
 machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in
-k and in rows (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A profile is keyed
-by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a CPU curve.
+k and in rows (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A
+profile is keyed by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a
+CPU curve.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def measure_verify_cost(
         for r in range(repeats + 1):  # round 0 warms up allocator and kernels
             for b, k in points:
                 rows = [RowInput(s, *tree_row(n, int(rng.integers(vocab)), rng.integers(0, vocab, k - 1),
-                                              np.arange(k - 1) - 1, np.arange(1, k))) for s, n in zip(slots[:b], lengths)]
+                                              np.arange(k - 1) - 1, np.arange(1, k)))
+                        for s, n in zip(slots[:b], lengths)]
                 t = time.perf_counter()
                 kv.forward(rows)
                 if r:

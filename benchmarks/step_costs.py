@@ -103,7 +103,8 @@ def main() -> int:
               "methods": {m: summarize(r) for m, r in runs.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({m: {k: v for k, v in s.items() if k != "by_shape"} for m, s in result["methods"].items()}, indent=1))
+    totals = {m: {k: v for k, v in s.items() if k != "by_shape"} for m, s in result["methods"].items()}
+    print(json.dumps(totals, indent=1))
     return 0
 
 

@@ -58,8 +58,8 @@ def test_a_request_gets_the_same_logits_alone_and_in_a_ragged_batch(smollm2):
     rng = np.random.default_rng(0)
     vocab = smollm2.model.config.vocab_size
     contexts = [rng.integers(0, vocab, n).tolist() for n in (37, 50, 90, 5, 61)]
-    drafts = [Draft.empty(), Draft.empty(), Draft.chain([11, 12, 13]), Draft(np.array([5, 6, 7]), np.array([-1, -1, 0])),
-              Draft.empty()]
+    drafts = [Draft.empty(), Draft.empty(), Draft.chain([11, 12, 13]),
+              Draft(np.array([5, 6, 7]), np.array([-1, -1, 0])), Draft.empty()]
 
     def prefilled(kv: BatchKV, ctx: list[int], stale: int = 0):
         slot = kv.add()
