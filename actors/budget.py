@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from actors.cost import CostModel
+from actors.cost import StepCost
 from actors.draft import Draft
 
 
@@ -45,7 +45,7 @@ class EstimateCorrection:
         self.realised = self.realised * self.decay + realised
 
 
-def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: CostModel, min_gain: float = 0.0,
+def choose_batch_budget(drafts: Sequence[Draft], context_len: int, cost: StepCost, min_gain: float = 0.0,
                         factor: float = 1.0) -> list[int]:
     """Nodes to verify per draft (a prefix of each) for one batched step after ``context_len`` tokens;
     ``factor`` scales every estimate (:class:`EstimateCorrection`)."""

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +28,12 @@ def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
         return float(np.interp(x, xs, ys))
     slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
     return float(ys[-1] + slope * (x - xs[-1]))
+
+
+class StepCost(Protocol):
+    """What a budget reads: the price in seconds of one verify forward of a given shape."""
+
+    def forward_seconds(self, n_tokens: int, context_len: int, rows: int = 1) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,43 @@ class CostModel:
     def relative(self, n_tokens: int, context_len: int) -> float:
         """Cost of ``n_tokens`` as a multiple of a plain one-token decode step at the same context."""
         return self.forward_seconds(n_tokens, context_len) / self.forward_seconds(1, context_len)
+
+
+class TimedCost:
+    """The curve, corrected per step shape by the verify forwards this process has timed.
+
+    A profile is a median of a few forwards taken at another moment of a shared host, of shapes that only
+    approximate a served batch's (its ragged rows are one token apart; real rows carry rolled-back
+    drafts). On this 2-core CPU it priced a plain two-row step 9% high and the widened ones within 3%
+    (results/2026-12-07k-step-costs), so widening looked cheaper than it was and ADED lost to ar. Per
+    shape (rows, tokens per row) this keeps a decayed mean of log(real / priced), shrunk toward 0 by
+    ``strength`` pseudo-steps, each step's log clipped to +-``clip`` (a GC pause or a preempted step moves
+    it little), and prices the shape at the curve's seconds times ``exp(mean)``. A shape never run keeps
+    the curve's price: when the curve overprices the plain steps (always run) widening looks dearer and
+    speculation backs off; when it underprices them, widening looks cheaper, the wide steps run and get
+    timed. Context is the curve's alone (the correction is one factor per shape).
+    """
+
+    def __init__(self, curve: CostModel, strength: float = 4.0, decay: float = 0.95, clip: float = 0.5) -> None:
+        self.curve, self.strength, self.decay, self.clip = curve, strength, decay, clip
+        self._cells: dict[tuple[int, int], tuple[float, float]] = {}  # (rows, n_tokens) -> (sum log, weight)
+
+    def factor(self, n_tokens: int, rows: int = 1) -> float:
+        """The learnt real / priced ratio of a shape (1 for one never timed)."""
+        total, weight = self._cells.get((rows, n_tokens), (0.0, 0.0))
+        return float(np.exp(total / (weight + self.strength)))
+
+    def forward_seconds(self, n_tokens: int, context_len: int, rows: int = 1) -> float:
+        return self.curve.forward_seconds(n_tokens, context_len, rows) * self.factor(n_tokens, rows)
+
+    def observe(self, n_tokens: int, context_len: int, rows: int, seconds: float) -> None:
+        """Fold one timed verify forward of ``rows`` x ``n_tokens`` tokens after ``context_len``."""
+        priced = self.curve.forward_seconds(n_tokens, context_len, rows)
+        if not (seconds > 0 and priced > 0):
+            return
+        x = float(np.clip(np.log(seconds / priced), -self.clip, self.clip))
+        total, weight = self._cells.get((rows, n_tokens), (0.0, 0.0))
+        self._cells[(rows, n_tokens)] = (total * self.decay + x, weight * self.decay + 1.0)
 
 
 #: SmolLM2-135M's measured CPU curves, one per linear kernel, with the machine and how they were measured.

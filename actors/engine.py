@@ -21,7 +21,7 @@ import torch
 
 from actors.acceptance import Acceptance, accept_greedy, accept_mmtad, accept_mtad, accept_tree_sampled
 from actors.budget import DraftGate, EstimateCorrection, choose_batch_budget, expected_tokens
-from actors.cost import CostModel
+from actors.cost import CostModel, TimedCost
 from actors.detok import Detokenizer, find_stop
 from actors.draft import Draft
 from actors.drafter import Drafter, Feedback
@@ -64,6 +64,7 @@ class Engine:
             self.verifier = deepspeed_verifier(target.model, cfg.tp_size, cfg.tp_heartbeat_s)
         self.cost = cost if cost is not None else default_cost(target)
         self.correction = EstimateCorrection(cfg.budget_correction, cfg.budget_correction_decay)
+        self.timed_cost = TimedCost(self.cost)  # the curve corrected by the steps timed here
         self.vocab_size = int(target.model.config.vocab_size)
         self._requests: dict[str, _Request] = {}
         self._waiting: list[_Request] = []  # admitted in order as slots free up
@@ -107,8 +108,6 @@ class Engine:
         self.last_step = None  # set by a step that decodes (not one that only prefills)
         self._admit(events)
         live = self._prefill()
-        if not live:
-            return events
         # Undrafted this step (their gate is shut): neither proposed to nor told, so each drafter's state stays
         # that of its last real draft (a remote drafter's pending feedback included).
         gated = self.config.draft_gate
@@ -122,6 +121,7 @@ class Engine:
         t1 = time.perf_counter()
         logits = self.verifier.verify([(r.seq, d) for r, d in zip(live, drafts)])  # [1 + n_r, vocab] each
         verify_s = time.perf_counter() - t1
+        self.timed_cost.observe(self.last_step.tokens // len(live), self.last_step.context, len(live), verify_s)
         gained, tell_s = self._accept_all(live, drafts, logits, held, events)
         if gated:
             self._update_gates(live, drafts, held, gained, t1 - t0 + tell_s, verify_s)
@@ -264,16 +264,18 @@ class Engine:
         return draft
 
     def _budget(self, live: list[_Request], drafts: list[Draft]) -> list[Draft]:
-        """Cut drafts to the batch budget (actors.budget); records the step's shape."""
+        """Cut drafts to the batch budget (actors.budget); records the step's shape. The budget reads the
+        timed curve unless a sampled request is in the step (its seed must not depend on the machine's speed)."""
         context = max(len(r.seq.tokens) for r in live)
-        keep = choose_batch_budget(drafts, context, self.cost, self.config.budget_min_gain, self.correction.factor)
-        cut = [d.prefix(n) for d, n in zip(drafts, keep)]
+        timed = self.config.budget_timing and all(r.params.greedy for r in live)
+        cost = self.timed_cost if timed else self.cost
+        keep = choose_batch_budget(drafts, context, cost, self.config.budget_min_gain, self.correction.factor)
         rows, level = len(live), max(keep)
-        ratio = self.cost.forward_seconds(1 + level, context, rows) / self.cost.forward_seconds(1, context, rows)
+        ratio = cost.forward_seconds(1 + level, context, rows) / cost.forward_seconds(1, context, rows)
         self.last_step = StepInfo(rows=rows, proposed=sum(map(len, drafts)), verified=sum(keep),
-                                  tokens=rows * (1 + level), cost_ratio=ratio,
+                                  tokens=rows * (1 + level), context=context, cost_ratio=ratio,
                                   expected=expected_tokens(drafts, keep, self.correction.factor))
-        return cut
+        return [d.prefix(n) for d, n in zip(drafts, keep)]
 
     def _accept_and_commit(self, req: _Request, draft: Draft, logits: torch.Tensor) -> Acceptance:
         acc = self._accept(req, draft, logits)

@@ -21,6 +21,10 @@ class EngineConfig(BaseModel):
         4.0, gt=0.0, description="Pseudo-tokens behind the batch budget's correction of the drafters' estimates "
         "(actors.budget.EstimateCorrection): smaller reacts faster to drafts that accept less than estimated.")
     budget_correction_decay: float = Field(0.98, gt=0.0, le=1.0, description="Per-step decay of that correction's sums.")
+    budget_timing: bool = Field(
+        True, description="Correct the cost curve per step shape (rows, tokens per row) from the verify forwards the "
+        "engine times (actors.cost.TimedCost), so the budget prices the steps this machine runs now. Steps with a "
+        "sampled request read the curve as measured: a seeded sample must not depend on the machine's speed.")
     draft_gate: bool = Field(
         True, description="Skip drafting for greedy requests while drafting's own time (drafter, feedback, the "
         "verify it adds) outweighs the tokens it adds to the batch (actors.budget.DraftGate). Sampled requests "

@@ -55,6 +55,7 @@ class StepInfo:
     proposed: int  # draft nodes the drafters offered
     verified: int  # draft nodes the batch budget kept
     tokens: int  # query tokens fed, padding included: rows x (1 + longest kept draft)
+    context: int = 0  # the longest row's cached tokens
     cost_ratio: float = 1.0  # the cost curve's price of the step as a multiple of a plain step of its rows
     expected: float = 0.0  # tokens the budget expects: rows + the kept nodes' (corrected) estimates
 

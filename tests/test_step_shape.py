@@ -1,13 +1,14 @@
 """What the engine reports of each decoding step (StepInfo): the budget's expectation, and that only steps
-that decode are reported (a step that only prefills is not)."""
+that decode are reported (a step that only prefills is not); the curve the budget prices steps with,
+corrected by the steps the engine times (TimedCost)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from actors.budget import expected_tokens
-from actors.cost import CostModel
+from actors.budget import choose_batch_budget, expected_tokens
+from actors.cost import CostModel, TimedCost
 from actors.draft import Draft
 from actors.drafter import NoDrafter
 from actors.engine import Engine, EngineConfig
@@ -51,3 +52,54 @@ def test_run_embedded_summarises_the_steps(target):
     r = run_embedded(engine, NoDrafter(), [[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True), 2)
     assert r["steps"] == 3 and r["mean_rows_per_step"] == 2.0
     assert r["speculative_steps_pct"] == 0.0 and r["budget_expected_speedup"] == 1.0
+
+
+def test_timed_cost_reprices_the_shapes_it_times_and_leaves_the_others_at_the_curve():
+    """A curve 9% high on plain two-row steps (as measured on this CPU's chat run) buys a node worth 4%;
+    once the plain steps are timed the node no longer pays, and timing the widened step brings it back."""
+    curve = CostModel.from_profile({"batch": [1, 2], "k": [1, 2, 4], "context_lengths": [0, 1e6],
+                                    "seconds": [[[0.070, 0.0716, 0.0862]] * 2] * 2})
+    timed = TimedCost(curve)
+    drafts = [_estimated([0.08, 0.04])] * 2
+    assert choose_batch_budget(drafts, 100, timed) == [1, 1]  # untimed: the curve's prices
+    for _ in range(50):
+        timed.observe(1, 100, 2, 0.064)
+    assert timed.factor(1, rows=2) == pytest.approx(0.064 / 0.070, rel=0.03)
+    assert timed.factor(2, rows=2) == timed.factor(1, rows=1) == 1.0  # never timed
+    assert choose_batch_budget(drafts, 100, timed) == [0, 0]
+    for _ in range(50):
+        timed.observe(2, 100, 2, 0.0650)
+    assert choose_batch_budget(drafts, 100, timed) == [1, 1]
+
+
+def test_timed_cost_moves_little_on_one_outlier():
+    timed = TimedCost(CostModel.flat(0.05))
+    timed.observe(1, 10, 1, 5.0)  # a preempted step, 100x its price
+    assert 1.0 < timed.factor(1) <= np.exp(0.5 / 5)
+    timed.observe(1, 10, 1, 0.0)  # a clock that did not move is ignored
+    assert timed.factor(1) <= np.exp(0.5 / 5)
+
+
+def test_the_engine_times_its_steps_and_a_step_with_a_sampled_request_reads_the_measured_curve(target, monkeypatch):
+    import actors.engine as engine_mod
+
+    engine = Engine(target, EngineConfig(max_batch=2), cost=CostModel.flat(1000.0))  # priced far above real
+    used, choose = [], engine_mod.choose_batch_budget
+
+    def recording(drafts, context, cost, *args):
+        used.append(cost)
+        return choose(drafts, context, cost, *args)
+
+    monkeypatch.setattr(engine_mod, "choose_batch_budget", recording)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.run_many([[1, 2, 3], [4, 5, 6, 7]], greedy, NoDrafter())
+    assert used and all(c is engine.timed_cost for c in used)
+    assert engine.timed_cost.factor(1, rows=2) < 0.8  # every timed step pulled the price down
+    used.clear()
+    sampled = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=1)
+    engine.run_many([[1, 2, 3], [4, 5, 6, 7]], [greedy, sampled], NoDrafter())
+    assert used and all(c is engine.cost for c in used)
+    off = Engine(target, EngineConfig(max_batch=2, budget_timing=False), cost=CostModel.flat())
+    used.clear()
+    off.run_many([[1, 2, 3]], greedy, NoDrafter())
+    assert used and all(c is off.cost for c in used)
