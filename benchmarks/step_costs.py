@@ -5,8 +5,10 @@
 The batch budget widens a step when the curve says the extra tokens pay; it is only as right as the curve
 is for the steps the engine really runs. This runs ar and ADED over the same prompts (alternating, each
 ``--repeats`` times) and records every decode step's verify seconds beside ``CostModel.forward_seconds``
-for its shape, grouped by (rows, tokens per row), with the budget's expected tokens beside the tokens
-the run produced. SmolLM2-135M, greedy, chat template. Run it on a quiet machine.
+for its shape and the price the budget read (the curve corrected by the steps timed so far,
+``actors.cost.TimedCost``), grouped by (rows, tokens per row), with the budget's expected tokens beside
+the tokens the run produced. ``aded-curve`` is ADED on an engine whose budget reads the curve as measured
+(``EngineConfig.budget_timing=False``). SmolLM2-135M, greedy, chat template. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def timed_run(engine: Engine, prompts: list, params: SamplingParams, method: str
         t = time.perf_counter()
         out = verify(batch)
         s, ctx = engine.last_step, max(len(seq.tokens) for seq, _ in batch)
-        steps.append((s.rows, s.tokens // s.rows, time.perf_counter() - t,
-                      engine.cost.forward_seconds(s.tokens // s.rows, ctx, s.rows), s.expected))
+        k, real = s.tokens // s.rows, time.perf_counter() - t
+        steps.append((s.rows, k, real, engine.cost.forward_seconds(k, ctx, s.rows), s.expected,
+                      engine.timed_cost.forward_seconds(k, ctx, s.rows)))
         return out
 
     engine.verifier.verify = timed
@@ -59,8 +62,8 @@ def timed_run(engine: Engine, prompts: list, params: SamplingParams, method: str
 def summarize(runs: list[dict]) -> dict:
     shapes: dict[str, list] = defaultdict(list)
     for run in runs:
-        for rows, k, real, priced, _ in run["steps"]:
-            shapes[f"{rows}x{k}"].append((real, priced))
+        for rows, k, real, priced, _, timed in run["steps"]:
+            shapes[f"{rows}x{k}"].append((real, priced, timed))
     steps = [s for run in runs for s in run["steps"]]
     return {
         "tokens_per_second": [r["tokens_per_second"] for r in runs],
@@ -68,10 +71,11 @@ def summarize(runs: list[dict]) -> dict:
         "wide_steps": sum(1 for _, k, *_ in steps if k > 1),
         "verify_seconds": round(sum(s[2] for s in steps), 3),
         "priced_seconds": round(sum(s[3] for s in steps), 3),
+        "timed_price_seconds": round(sum(s[5] for s in steps), 3),
         "expected_tokens": round(sum(s[4] for s in steps), 1),
         "decoded_tokens": sum(r["tokens"] for r in runs),
-        "by_shape": {key: {"steps": len(v), "real_ms": round(1e3 * sum(a for a, _ in v) / len(v), 2),
-                           "priced_ms": round(1e3 * sum(b for _, b in v) / len(v), 2)}
+        "by_shape": {key: {"steps": len(v), **{name: round(1e3 * sum(x[i] for x in v) / len(v), 2) for i, name in
+                                                enumerate(("real_ms", "priced_ms", "timed_price_ms"))}}
                      for key, v in sorted(shapes.items(), key=lambda kv: tuple(map(int, kv[0].split("x"))))},
     }
 
@@ -89,15 +93,17 @@ def main() -> int:
     target = load_model("smollm2-135m")
     cost = CostModel.from_json(args.curve) if args.curve else default_cost(target)
     engine = Engine(target, EngineConfig(max_batch=args.concurrency), cost=cost)
+    untimed = Engine(target, EngineConfig(max_batch=args.concurrency, budget_timing=False), cost=cost)
     rows = (mtbench_prompts() if args.set == "mtbench" else humaneval_prompts())[: args.limit]
     prompts = [target.encode(r["prompt"], chat=True) for r in rows]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     for method in ("ar", "aded"):  # warm-up: kernels, the tri-gram matrix, the compiled search
         engine.run_many(prompts[:2], SamplingParams(max_new_tokens=8), make_drafter(method, target), 2)
-    runs: dict[str, list] = {"ar": [], "aded": []}
+    runs: dict[str, list] = {"ar": [], "aded": [], "aded-curve": []}
     for _ in range(args.repeats):
-        for method in runs:
-            runs[method].append(timed_run(engine, prompts, params, method, args.concurrency))
+        for name in runs:
+            eng = untimed if name == "aded-curve" else engine
+            runs[name].append(timed_run(eng, prompts, params, name.split("-")[0], args.concurrency))
     result = {"command": " ".join(sys.argv), "machine": machine(),
               "curve": str(args.curve or profile_path(target)), "args": {k: str(v) for k, v in vars(args).items()},
               "methods": {m: summarize(r) for m, r in runs.items()}}
