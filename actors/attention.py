@@ -52,11 +52,28 @@ def row_exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             end += 1
         rows = slice(start, end)
         mask = None if attention_mask is None else attention_mask[rows, :, :q, :n]
-        out, _ = sdpa_attention_forward(module, query[rows, :, :q], key[rows, :, :n], value[rows, :, :n], mask,
-                                        **kwargs)
+        out = _packed_sdpa(module, query[rows, :, :q], key[rows, :, :n], value[rows, :, :n], mask, **kwargs)
         outs.append(out if q == q_all else torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q_all - q)))
         start = end
     return torch.cat(outs), None
+
+
+def _packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None, scaling: float | None = None, **kwargs) -> torch.Tensor:
+    """transformers' SDPA with grouped-query heads packed onto their key/value heads at every query length.
+
+    transformers packs a one-token query so (``pack_gqa``) and repeats the keys and values for longer ones
+    (``repeat_kv``): a copy of every row's cache per layer, which made a widened 2-row decode step at ~350
+    tokens of context ~13 ms (~15%) slower on this CPU. Query heads ``h = g * n_rep + r`` of key/value head g
+    become ``n_rep * q`` query rows of g (r-major), the mask repeated to match; each query row still attends
+    alone, so the result is the same function, and a row alone and in a batch make the same call.
+    """
+    n_rep, (b, h, q, d) = getattr(module, "num_key_value_groups", 1), query.shape
+    if n_rep == 1 or q == 1 or mask is None:
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)[0]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, h // n_rep, n_rep * q, d), key, value, attn_mask=mask.repeat(1, 1, n_rep, 1), scale=scaling)
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous()  # [b, q, h, d], as sdpa_attention_forward's
 
 
 AttentionInterface.register(ROW_EXACT, row_exact_attention)

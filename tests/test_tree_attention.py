@@ -66,3 +66,26 @@ def test_keep_path_then_extend_matches_fresh_forward(family):
     with torch.inference_mode():
         ref = model(torch.tensor([tokens])).logits[0, -1]
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q", [2, 7, 64])
+def test_grouped_query_heads_packed_onto_their_key_heads_match_repeated_keys(q, monkeypatch):
+    """A widened row's attention packs each key/value head's query heads as rows (as transformers does for
+    one query) instead of repeating its keys; the same function as transformers' repeat_kv path."""
+    import types
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from actors.attention import _packed_sdpa
+
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    gen = torch.Generator().manual_seed(q)
+    query = torch.randn(2, q, 9, 16, generator=gen).transpose(1, 2)  # [B, H, q, D] as the layer passes it
+    key, value = torch.randn(2, 3, 80, 16, generator=gen), torch.randn(2, 3, 80, 16, generator=gen)
+    mask = torch.zeros(2, 1, q, 80)
+    mask[0, 0, :, 50:] = mask[1, 0, 0, 3:] = torch.finfo(torch.float32).min  # a short row, a tree-like query
+    expected, _ = sdpa.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: pytest.fail("keys repeated"))
+    got = _packed_sdpa(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (2, q, 9, 16)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
