@@ -131,6 +131,8 @@ class ServeConfig(BaseModel):
                                "joining request stalls the running batch.")
     draft_gate: bool = Field(True, description="Hold back a greedy request's drafting while its own time outweighs "
                              "the tokens it adds (EngineConfig.draft_gate); false drafts every step.")
+    budget_timing: bool = Field(True, description="Correct the verify-cost curve per step shape from the steps the "
+                                "replica times (EngineConfig.budget_timing); false reads the profile as measured.")
     batch_invariant: bool = Field(True, description="Greedy output independent of the batch (EngineConfig."
                                   "batch_invariant): false trades that guarantee for one attention call per layer "
                                   "over the whole batch. Only with tp_size 1.")
@@ -165,8 +167,9 @@ class ServeConfig(BaseModel):
         """The verifier replica's engine: plain, or the deepspeed backend over tp_size ranks."""
         return EngineConfig(max_draft_tokens=self.max_draft_tokens, max_batch=self.max_batch,
                             prefill_chunk=self.prefill_chunk, draft_gate=self.draft_gate,
-                            batch_invariant=self.batch_invariant, backend="deepspeed" if self.tp_size > 1 else "plain",
-                            tp_size=self.tp_size, tp_heartbeat_s=self.tp_timeout_s / 4)
+                            budget_timing=self.budget_timing, batch_invariant=self.batch_invariant,
+                            backend="deepspeed" if self.tp_size > 1 else "plain", tp_size=self.tp_size,
+                            tp_heartbeat_s=self.tp_timeout_s / 4)
     http_host: str = Field("127.0.0.1", description="HTTP proxy bind address (0.0.0.0 in a cluster).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP proxy port (OpenAI API, /health, /metrics-free).")
     grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC proxy port (specd.v1.Specd, grpc.health.v1).")

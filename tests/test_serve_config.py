@@ -84,5 +84,7 @@ def test_affinity_router_is_stable_and_moves_only_lost_keys():
 def test_batch_invariance_reaches_the_engine_and_a_tp_group_refuses_to_drop_it():
     assert ServeConfig().engine_config().batch_invariant
     assert not ServeConfig(batch_invariant=False).engine_config().batch_invariant
+    assert ServeConfig().engine_config().budget_timing
+    assert not ServeConfig(budget_timing=False).engine_config().budget_timing
     with pytest.raises(ValidationError, match="plain backend"):  # at load time, not at a replica's start
         ServeConfig(batch_invariant=False, tp_size=2)
