@@ -83,26 +83,33 @@ class CostModel:
 class TimedCost:
     """The curve, corrected per step shape by the verify forwards this process has timed.
 
-    A profile is a median of a few forwards taken at another moment of a shared host, of shapes that only
+    A profile is the fastest of a few forwards taken at another moment of a shared host, of shapes that only
     approximate a served batch's (its ragged rows are one token apart; real rows carry rolled-back
     drafts). On this 2-core CPU it priced a plain two-row step 9% high and the widened ones within 3%
     (results/2026-12-07k-step-costs), so widening looked cheaper than it was and ADED lost to ar. Per
     shape (rows, tokens per row) this keeps a decayed mean of log(real / priced), shrunk toward 0 by
     ``strength`` pseudo-steps, each step's log clipped to +-``clip`` (a GC pause or a preempted step moves
-    it little), and prices the shape at the curve's seconds times ``exp(mean)``. A shape never run keeps
-    the curve's price: when the curve overprices the plain steps (always run) widening looks dearer and
-    speculation backs off; when it underprices them, widening looks cheaper, the wide steps run and get
-    timed. Context is the curve's alone (the correction is one factor per shape).
+    it little), and prices the shape at the curve's seconds times ``exp(mean)``. A widened shape's mean is
+    shrunk toward the pooled mean of every widened shape with its rows (a curve off for one width is
+    usually off for its neighbours, and most widths are run a few times only), a plain one's toward 0. A
+    shape never run keeps that prior: when the curve overprices the plain steps (always run) widening
+    looks dearer and speculation backs off; when it underprices them, widening looks cheaper, the wide
+    steps run and get timed. Context is the curve's alone (the correction is one factor per shape).
     """
 
     def __init__(self, curve: CostModel, strength: float = 4.0, decay: float = 0.95, clip: float = 0.5) -> None:
         self.curve, self.strength, self.decay, self.clip = curve, strength, decay, clip
         self._cells: dict[tuple[int, int], tuple[float, float]] = {}  # (rows, n_tokens) -> (sum log, weight)
+        self._wide: dict[int, tuple[float, float]] = {}  # rows -> the same over every n_tokens > 1
 
     def factor(self, n_tokens: int, rows: int = 1) -> float:
-        """The learnt real / priced ratio of a shape (1 for one never timed)."""
-        total, weight = self._cells.get((rows, n_tokens), (0.0, 0.0))
-        return float(np.exp(total / (weight + self.strength)))
+        """The learnt real / priced ratio of a shape (1 for a plain one never timed)."""
+        prior = self._mean(self._wide.get(rows), 0.0) if n_tokens > 1 else 0.0
+        return float(np.exp(self._mean(self._cells.get((rows, n_tokens)), prior)))
+
+    def _mean(self, cell: tuple[float, float] | None, prior: float) -> float:
+        total, weight = cell or (0.0, 0.0)
+        return (total + self.strength * prior) / (weight + self.strength)
 
     def forward_seconds(self, n_tokens: int, context_len: int, rows: int = 1) -> float:
         return self.curve.forward_seconds(n_tokens, context_len, rows) * self.factor(n_tokens, rows)
@@ -113,8 +120,9 @@ class TimedCost:
         if not (seconds > 0 and priced > 0):
             return
         x = float(np.clip(np.log(seconds / priced), -self.clip, self.clip))
-        total, weight = self._cells.get((rows, n_tokens), (0.0, 0.0))
-        self._cells[(rows, n_tokens)] = (total * self.decay + x, weight * self.decay + 1.0)
+        for table, key in [(self._cells, (rows, n_tokens))] + ([(self._wide, rows)] if n_tokens > 1 else []):
+            total, weight = table.get(key, (0.0, 0.0))
+            table[key] = (total * self.decay + x, weight * self.decay + 1.0)
 
 
 #: SmolLM2-135M's measured CPU curves, one per linear kernel, with the machine and how they were measured.
