@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -123,6 +123,7 @@ class Engine:
         verify_s = time.perf_counter() - t1
         self.timed_cost.observe(self.last_step.tokens // len(live), self.last_step.context, len(live), verify_s)
         gained, tell_s = self._accept_all(live, drafts, logits, held, events)
+        self.last_step = replace(self.last_step, produced=len(gained) + sum(gained.values()))
         if gated:
             self._update_gates(live, drafts, held, gained, t1 - t0 + tell_s, verify_s)
         return events
@@ -185,9 +186,7 @@ class Engine:
         """
         chunk = budget = self.config.prefill_chunk
         ready = []
-        for req in list(self._requests.values()):
-            if req.seq is None:
-                continue
+        for req in [r for r in self._requests.values() if r.seq is not None]:
             n = min(chunk - len(req.seq.slot) % chunk, req.seq.to_prefill)  # up to its next boundary
             if 0 < n <= budget:
                 t = time.perf_counter()

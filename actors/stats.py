@@ -58,6 +58,7 @@ class StepInfo:
     context: int = 0  # the longest row's cached tokens
     cost_ratio: float = 1.0  # the cost curve's price of the step as a multiple of a plain step of its rows
     expected: float = 0.0  # tokens the budget expects: rows + the kept nodes' (corrected) estimates
+    produced: int = 0  # tokens the step committed (accepted nodes + bonus, before EOS and stop cuts)
 
     @property
     def expected_speedup(self) -> float:

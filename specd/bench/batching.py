@@ -67,17 +67,34 @@ def step_fields(steps: list[StepInfo]) -> dict:
             "budget_expected_speedup": round(sum(s.expected_speedup for s in steps) / n, 3)}
 
 
+def full_batch_fields(timed: list[tuple[float, StepInfo]], start: float, c: int) -> dict:
+    """Tokens/s over the steps that decoded ``c`` rows, each step timed from the one before (prefill steps
+    between included): what a server kept at ``c`` requests sees. The aggregate also counts the drain
+    at the end of a closed loop, when fewer than ``c`` prompts are left, which favours a method whose
+    requests all finish together (ar with equal-length answers) over one whose requests run at
+    different speeds (ADED's last request decodes alone)."""
+    tokens = seconds = 0.0
+    for (t, info), before in zip(timed, [start] + [t for t, _ in timed]):
+        if info.rows == c:
+            tokens, seconds = tokens + info.produced, seconds + t - before
+    return {"full_batch_tokens_per_second": round(tokens / seconds, 3) if seconds else None,
+            "full_batch_steps_pct": round(100 * sum(i.rows == c for _, i in timed) / max(1, len(timed)), 1)}
+
+
 def run_embedded(engine: Engine, drafter, inputs: list[list[int]], params: SamplingParams, c: int) -> dict:
-    steps: list[StepInfo] = []
+    timed: list[tuple[float, StepInfo]] = []
     with CpuSteal() as steal:
         t = time.perf_counter()
-        outs = engine.run_many(inputs, params, drafter, concurrency=c, on_step=steps.append)
+        outs = engine.run_many(inputs, params, drafter, concurrency=c,
+                               on_step=lambda info: timed.append((time.perf_counter(), info)))
         wall = time.perf_counter() - t
     bad = [o for o in outs if isinstance(o, BaseException)]
     if bad:
         raise bad[0]
     rows = [{"tokens": o.token_ids, "seconds": o.stats.seconds, "forwards": o.stats.target_forwards} for o in outs]
-    return {"rows": rows, **_summary(rows, wall), **step_fields(steps), **steal_fields(steal.delta)}
+    steps = [info for _, info in timed]
+    return {"rows": rows, **_summary(rows, wall), **step_fields(steps), **full_batch_fields(timed, t, c),
+            **steal_fields(steal.delta)}
 
 
 def run_served(client_factory, inputs: list[list[int]], method: str, max_tokens: int, c: int) -> dict:
@@ -112,6 +129,7 @@ def median_run(runs: list[dict]) -> dict:
     tokens/s and steal beside it, and how many repeats' outputs differ from the first's (greedy: none should)."""
     mid = sorted(runs, key=lambda r: r["tokens_per_second"])[len(runs) // 2]
     return mid | {"runs_tokens_per_second": [r["tokens_per_second"] for r in runs],
+                  "runs_full_batch_tokens_per_second": [r.get("full_batch_tokens_per_second") for r in runs],
                   "runs_steal_pct": [r["steal_pct"] for r in runs],
                   "repeats_differing": sum(_tokens(r) != _tokens(runs[0]) for r in runs[1:])}
 
@@ -283,10 +301,13 @@ def run(args) -> int:
     for name in sets:
         ar1 = summary[f"embedded/{name}/ar"]["1"]["tokens_per_second"]
         for c in levels:
-            row = {"ar_vs_ar1": round(summary[f"embedded/{name}/ar"][str(c)]["tokens_per_second"] / ar1, 3)}
+            ar, ar1_run = summary[f"embedded/{name}/ar"][str(c)], summary[f"embedded/{name}/ar"]["1"]
+            row = {"ar_vs_ar1": round(ar["tokens_per_second"] / ar1, 3),
+                   "ar_vs_ar1_full_batch": _ratio(ar, ar1_run, "full_batch_tokens_per_second")}
             if "aded" in methods:
-                row["aded_vs_ar"] = round(summary[f"embedded/{name}/aded"][str(c)]["tokens_per_second"]
-                                          / summary[f"embedded/{name}/ar"][str(c)]["tokens_per_second"], 3)
+                aded = summary[f"embedded/{name}/aded"][str(c)]
+                row["aded_vs_ar"] = _ratio(aded, ar, "tokens_per_second")
+                row["aded_vs_ar_full_batch"] = _ratio(aded, ar, "full_batch_tokens_per_second")
             for m in methods:
                 served = summary.get(f"served/{name}/{m}", {}).get(str(c))
                 if served is not None:  # the median of the pairs' ratios (see measure_served)
@@ -306,6 +327,10 @@ def run(args) -> int:
     plot(report, args.out / "batching.png")
     print(json.dumps({"ratios": ratios, "memory": report.get("memory")}, indent=1))
     return 0
+
+
+def _ratio(a: dict, b: dict, key: str) -> float | None:
+    return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
 
 
 def served_threads(args) -> int:
