@@ -52,6 +52,26 @@ def test_run_embedded_summarises_the_steps(target):
     r = run_embedded(engine, NoDrafter(), [[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True), 2)
     assert r["steps"] == 3 and r["mean_rows_per_step"] == 2.0
     assert r["speculative_steps_pct"] == 0.0 and r["budget_expected_speedup"] == 1.0
+    assert r["full_batch_steps_pct"] == 100.0 and r["full_batch_tokens_per_second"] > 0
+
+
+def test_full_batch_throughput_leaves_out_the_drain_of_a_closed_loop(target):
+    """Three prompts two at a time: the third decodes alone once the first two are done (3 of 6 steps);
+    the full-batch rate counts only the two-row steps, each step's committed tokens (``produced``)."""
+    from specd.bench.batching import full_batch_fields
+
+    engine = Engine(target, EngineConfig(max_batch=2), cost=CostModel.flat())
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    r = run_embedded(engine, NoDrafter(), [[1, 2, 3], [4, 5, 6], [7, 8, 9]], params, 2)
+    assert r["steps"] == 6 and r["full_batch_steps_pct"] == 50.0
+    steps = [StepInfo(rows=2, proposed=0, verified=0, tokens=2, produced=2),
+             StepInfo(rows=1, proposed=0, verified=0, tokens=1, produced=1),
+             StepInfo(rows=2, proposed=3, verified=3, tokens=8, produced=5)]
+    got = full_batch_fields(list(zip([1.0, 2.0, 6.0], steps)), start=0.0, c=2)
+    assert got == {"full_batch_tokens_per_second": 7 / 5, "full_batch_steps_pct": 66.7}  # (2 + 5) / (1 + 4) s
+    outs = []
+    engine.run_many([[1, 2, 3], [4, 5]], params, NoDrafter(), on_step=outs.append)
+    assert [s.produced for s in outs] == [s.rows for s in outs] == [2, 2, 2]
 
 
 def test_timed_cost_reprices_the_shapes_it_times_and_leaves_the_others_at_the_curve():
@@ -70,6 +90,10 @@ def test_timed_cost_reprices_the_shapes_it_times_and_leaves_the_others_at_the_cu
     for _ in range(50):
         timed.observe(2, 100, 2, 0.0650)
     assert choose_batch_budget(drafts, 100, timed) == [1, 1]
+    # a width never run takes the widened steps' pooled correction (here about 0.91), a plain one none
+    assert timed.factor(4, rows=2) == pytest.approx(timed.factor(2, rows=2), rel=0.03)
+    assert timed.factor(4, rows=2) < 0.93
+    assert timed.factor(1, rows=1) == 1.0
 
 
 def test_timed_cost_moves_little_on_one_outlier():
