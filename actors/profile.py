@@ -1,6 +1,6 @@
 """``specd profile``: measure the target's verify-forward latency over batch rows x tokens per row x context.
 
-The result feeds :class:`actors.cost.CostModel`, which the batch budget reads. Each point is the median
+The result feeds :class:`actors.cost.CostModel`, which the batch budget reads. Each point is the fastest
 of ``repeats`` timed forwards through the engine's own path (a ``BatchKV`` of ``rows`` sequences, each
 fed its pending token plus a chain of ``k - 1`` nodes), after a warm-up, with the caches rolled back
 between runs. The rows hold ``context`` minus 0, 1, 2, ... tokens: a served batch is ragged, and batch
@@ -10,7 +10,11 @@ what the engine paid when every row was its own call (8 rows vs 1: 1.4-2.1x ragg
 results/2026-12-07f-profile vs -d). Rows this close share key buckets: a batch spread wider makes a few
 more calls than timed here. Rounds sweep every (rows, k) in turn, so a burst of load on a shared
 machine lands on all points alike rather than on a few; the saved curve is then made non-decreasing in
-k and in rows (``seconds_raw`` keeps the medians), so noise never makes a bigger step look cheaper. A
+k and in rows (``seconds_raw`` keeps the raw points), so noise never makes a bigger step look cheaper.
+The fastest, not the median: load on a shared host only ever adds time, and a burst that outlasts a
+round made a median high at one point, which the fill then lifted every bigger step to (on this CPU a
+one-row plain step read 74 ms among 58-65 ms neighbours and priced every plain step ~15% high,
+results/2026-12-07m-profile); the engine corrects the level online (actors.cost.TimedCost). A
 profile is keyed by model, tokenizer, device, dtype and kernels: a CUDA target is never budgeted with a
 CPU curve.
 """
@@ -21,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,7 +90,7 @@ def measure_verify_cost(
                     times[(b, k)].append(time.perf_counter() - t)
                 for s, n in zip(slots[:b], lengths):
                     kv.crop(s, n)
-        grid = _fill([[statistics.median(times[(b, k)]) if (b, k) in times else np.nan for k in k_values]
+        grid = _fill([[min(times[(b, k)]) if (b, k) in times else np.nan for k in k_values]
                       for b in batch_sizes], batch_sizes, k_values)
         if progress:
             for b, row in zip(batch_sizes, grid):
