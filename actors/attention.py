@@ -63,10 +63,11 @@ def _packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     """transformers' SDPA with grouped-query heads packed onto their key/value heads at every query length.
 
     transformers packs a one-token query so (``pack_gqa``) and repeats the keys and values for longer ones
-    (``repeat_kv``): a copy of every row's cache per layer, which made a widened 2-row decode step at ~350
-    tokens of context ~13 ms (~15%) slower on this CPU. Query heads ``h = g * n_rep + r`` of key/value head g
-    become ``n_rep * q`` query rows of g (r-major), the mask repeated to match; each query row still attends
-    alone, so the result is the same function, and a row alone and in a batch make the same call.
+    (``repeat_kv``): a copy of every row's cache per layer, which made a 2-row verify step at ~320 tokens of
+    context 6% (2 tokens a row) to 9% (4) slower on this CPU (results/2026-12-07s-gqa). Query heads
+    ``h = g * n_rep + r`` of key/value head g become ``n_rep * q`` query rows of g (r-major), the mask
+    repeated to match; each query row still attends alone, so the result is the same function, and a row
+    alone and in a batch make the same call.
     """
     n_rep, (b, h, q, d) = getattr(module, "num_key_value_groups", 1), query.shape
     if n_rep == 1 or q == 1 or mask is None:
