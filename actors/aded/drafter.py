@@ -48,10 +48,11 @@ class AdedConfig(BaseModel):
         "best_first", description="How n-gram candidates are found: the most probable paths (best_first), "
         "ADED's Monte-Carlo tree search (mcts; settings under 'mcts'), or none (context matching and "
         "recycled top-k only). "
-        "Best-first is the default: it led on tokens/s on both 2-core CPUs measured (1.58x / 2.09x ar on "
-        "MT-Bench / HumanEval vs 1.55x / 1.87x for MCTS, results/2026-12-02d-search; 1.51x / 1.80x vs at "
-        "most 1.46x / 1.78x, results/2026-12-07h-search); on a flat curve the two are within 0.05 tokens per "
-        "forward of each other (the same runs' simulator); "
+        "Best-first is the default: it led on code in every run on both 2-core CPUs measured and on chat in "
+        "two of three (ar multiples on MT-Bench / HumanEval, best-first vs MCTS: 1.58x / 2.09x vs 1.55x / "
+        "1.87x, results/2026-12-02d-search; 1.51x / 1.80x vs at most 1.46x / 1.78x, results/2026-12-07h-search; "
+        "1.38x / 1.80x vs 1.44x / 1.71x for the path value, results/2026-12-07r-search); on a flat curve the "
+        "two are within 0.05 tokens per forward of each other (the same runs' simulator); "
         "`specd bench --suite search` compares them.")
     compiled: bool = Field(True, description="Run the search compiled (numba, actors.aded.jit_search); False "
                            "runs the Python reference it is tested against (same trees, slower).")
