@@ -41,10 +41,10 @@ def timed_run(engine: Engine, prompts: list, params: SamplingParams, method: str
     def timed(batch):  # the engine's own verify, timed; its step shape is set just before it
         t = time.perf_counter()
         out = verify(batch)
-        s, ctx = engine.last_step, max(len(seq.tokens) for seq, _ in batch)
+        s = engine.last_step
         k, real = s.tokens // s.rows, time.perf_counter() - t
-        steps.append((s.rows, k, real, engine.cost.forward_seconds(k, ctx, s.rows), s.expected,
-                      engine.timed_cost.forward_seconds(k, ctx, s.rows)))
+        steps.append((s.rows, k, real, engine.cost.forward_seconds(k, s.context, s.rows), s.expected,
+                      engine.timed_cost.forward_seconds(k, s.context, s.rows)))
         return out
 
     engine.verifier.verify = timed

@@ -74,7 +74,7 @@ def test_full_batch_throughput_leaves_out_the_drain_of_a_closed_loop(target):
     assert [s.produced for s in outs] == [s.rows for s in outs] == [2, 2, 2]
 
 
-def test_timed_cost_reprices_the_shapes_it_times_and_leaves_the_others_at_the_curve():
+def test_timed_cost_reprices_the_shapes_it_times_and_the_others_from_their_prior():
     """A curve 9% high on plain two-row steps (as measured on this CPU's chat run) buys a node worth 4%;
     once the plain steps are timed the node no longer pays, and timing the widened step brings it back."""
     curve = CostModel.from_profile({"batch": [1, 2], "k": [1, 2, 4], "context_lengths": [0, 1e6],
