@@ -233,3 +233,23 @@ class DraftStepResponse(_message.Message):
     draft: DraftTree
     rebuilt: bool
     def __init__(self, draft: _Optional[_Union[DraftTree, _Mapping]] = ..., rebuilt: _Optional[bool] = ...) -> None: ...
+
+class DraftBatchRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[DraftStepRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[DraftStepRequest, _Mapping]]] = ...) -> None: ...
+
+class DraftBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DraftStepResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DraftStepResult, _Mapping]]] = ...) -> None: ...
+
+class DraftStepResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: DraftStepResponse
+    error: str
+    def __init__(self, response: _Optional[_Union[DraftStepResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
