@@ -45,6 +45,7 @@ class _Request:
     stats: GenerationStats
     arrived: float
     prompt: list[int]
+    max_draft: int | None = None  # the request's own cap on nodes per step (a client's max_draft_tokens)
     gate: DraftGate = field(default_factory=DraftGate)  # read only with EngineConfig.draft_gate
     output: list[int] = field(default_factory=list)
     sent: int = 0  # characters of detok.text already streamed
@@ -74,7 +75,7 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter,
-            request_id: str | None = None) -> str:
+            request_id: str | None = None, max_draft_tokens: int | None = None) -> str:
         """Queue a request (it joins the batch at the next step with a free slot); returns its id."""
         rid = request_id or uuid.uuid4().hex
         if rid in self._requests:
@@ -83,7 +84,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         stats = GenerationStats(prompt_tokens=len(prompt), lossless=drafter.acceptance == "exact")
         req = _Request(rid, params, drafter, None, torch.Generator().manual_seed(seed),
-                       Detokenizer(self.target.tokenizer), stats, time.perf_counter(), prompt)
+                       Detokenizer(self.target.tokenizer), stats, time.perf_counter(), prompt, max_draft_tokens)
         self._requests[rid] = req
         self._waiting.append(req)
         return rid
@@ -198,61 +199,58 @@ class Engine:
         return ready
 
     def _draft(self, live: list[_Request], events: list) -> dict[str, Draft]:
-        """Each live request's draft: blocking (remote) drafters are called concurrently, the others batched
-        (one ``propose_batch`` per ``batch_key``, so a draft model runs one forward per depth for all)."""
+        """Each live request's draft: one ``propose_batch`` per group of requests whose drafters share a
+        ``batch_key`` (a draft model runs one forward per depth for all; a remote pool gets one call), the
+        groups of blocking (remote) drafters concurrently, so a step waits for one round trip."""
         t = time.perf_counter()
-        remote = [r for r in live if r.drafter.blocking]
+        results: dict[str, Draft | BaseException] = {}
+        groups: dict[int, list[tuple[_Request, int]]] = {}
+        for req in live:
+            if cap := self._cap(req):
+                groups.setdefault(id(req.drafter.batch_key), []).append((req, cap))
+            else:
+                results[req.id] = Draft.empty()
+        remote = [g for g in groups.values() if g[0][0].drafter.blocking]
         if remote and self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.max_batch, thread_name_prefix="draft")
-        futures = {r.id: self._pool.submit(self._propose, r) for r in remote}
-        results = self._propose_batched([r for r in live if not r.drafter.blocking])
+        futures = [self._pool.submit(self._propose_group, g) for g in remote]
+        for group in groups.values():
+            if not group[0][0].drafter.blocking:
+                results |= self._propose_group(group)
+        for f in futures:
+            results |= f.result()
         drafts: dict[str, Draft] = {}
         for req in live:
-            try:
-                out = futures[req.id].result() if req.id in futures else results[req.id]
-                if isinstance(out, BaseException):
-                    raise out
+            if isinstance(out := results[req.id], BaseException):  # a drafter error ends its request alone
+                events.append((req.id, self._fail(req, out)))
+            else:
                 drafts[req.id] = out
-            except Exception as e:  # noqa: BLE001 - a drafter error ends its request alone
-                events.append((req.id, self._fail(req, e)))
         dt = time.perf_counter() - t
         for req in live:
             req.stats.draft_seconds += dt
         return drafts
 
-    def _propose(self, req: _Request) -> Draft:
-        cap = self._cap(req)
-        if not cap:
-            return Draft.empty()
-        return self._checked(req, req.drafter.propose(req.id, np.asarray(req.seq.tokens, np.int64), cap), cap)
-
-    def _propose_batched(self, reqs: list[_Request]) -> dict[str, Draft | BaseException]:
-        """One ``propose_batch`` call per group of requests whose drafters share a ``batch_key``."""
+    def _propose_group(self, group: list[tuple[_Request, int]]) -> dict[str, Draft | BaseException]:
+        """One ``propose_batch`` call for requests whose drafters share a ``batch_key``."""
+        items = [(r.id, np.asarray(r.seq.tokens, np.int64), cap) for r, cap in group]
+        try:
+            drafts = group[0][0].drafter.propose_batch(items)
+            if len(drafts) != len(items):
+                raise RuntimeError(f"drafter returned {len(drafts)} drafts for {len(items)} requests")
+        except Exception as e:  # noqa: BLE001 - the whole call failed: each of its requests ends
+            drafts = [e] * len(items)
         out: dict[str, Draft | BaseException] = {}
-        groups: dict[int, list[tuple[_Request, int]]] = {}
-        for req in reqs:
-            if cap := self._cap(req):
-                groups.setdefault(id(req.drafter.batch_key), []).append((req, cap))
-            else:
-                out[req.id] = Draft.empty()
-        for group in groups.values():
-            items = [(r.id, np.asarray(r.seq.tokens, np.int64), cap) for r, cap in group]
+        for (req, cap), d in zip(group, drafts):
             try:
-                drafts = group[0][0].drafter.propose_batch(items)
-                if len(drafts) != len(items):
-                    raise RuntimeError(f"drafter returned {len(drafts)} drafts for {len(items)} requests")
-            except Exception as e:  # noqa: BLE001 - the whole call failed: each of its requests ends
-                drafts = [e] * len(items)
-            for (req, cap), d in zip(group, drafts):
-                try:
-                    out[req.id] = d if isinstance(d, BaseException) else self._checked(req, d, cap)
-                except Exception as e:  # noqa: BLE001 - an oversized draft is its request's error
-                    out[req.id] = e
+                out[req.id] = d if isinstance(d, BaseException) else self._checked(req, d, cap)
+            except Exception as e:  # noqa: BLE001 - an oversized draft is its request's error
+                out[req.id] = e
         return out
 
     def _cap(self, req: _Request) -> int:
         remaining = req.params.max_new_tokens - len(req.output) - 1  # the bonus token is free
-        return max(0, min(self.config.max_draft_tokens, self.verifier.room(req.seq), remaining))
+        own = self.config.max_draft_tokens if req.max_draft is None else req.max_draft
+        return max(0, min(self.config.max_draft_tokens, own, self.verifier.room(req.seq), remaining))
 
     def _checked(self, req: _Request, draft: Draft, cap: int) -> Draft:
         if len(draft) > cap:

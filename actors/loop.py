@@ -50,11 +50,12 @@ class EngineLoop:
             raise error
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, drafter: Drafter, request_id: str,
-               sink: Sink) -> None:
-        """Queue a request; ``sink`` is called from the loop thread with each of its outputs."""
+               sink: Sink, max_draft_tokens: int | None = None) -> None:
+        """Queue a request (``Engine.add``'s arguments); ``sink`` is called from the loop thread with each of
+        its outputs."""
         if self._closed.is_set():
             raise RuntimeError("the engine loop is closed")
-        self._inbox.put(("add", (list(prompt_ids), params, drafter, request_id), sink))
+        self._inbox.put(("add", (list(prompt_ids), params, drafter, request_id, max_draft_tokens), sink))
 
     def cancel(self, request_id: str) -> None:
         """End the request after the current step (its slot and drafter state are freed); idempotent."""
@@ -107,9 +108,9 @@ class EngineLoop:
                 return
             block = False
             if kind == "add":
-                prompt, params, drafter, rid = arg
+                prompt, params, drafter, rid, max_draft = arg
                 try:
-                    self.engine.add(prompt, params, drafter, rid)
+                    self.engine.add(prompt, params, drafter, rid, max_draft)
                 except Exception as e:  # noqa: BLE001 - a request the engine refuses ends alone
                     sink(e)
                     continue

@@ -28,7 +28,7 @@ from actors.models import load_model
 from actors.process import freeze_gc_heap
 from actors.stats import StepOutput
 from deploy.config import ServeConfig
-from deploy.drafters import CappedDrafter, DraftLink, RemoteDrafter, build_drafters
+from deploy.drafters import DraftLink, RemoteDrafter, build_drafters
 from deploy.metrics import verifier_metrics
 from deploy.request import GenerationRequest, RequestError, check_max_tokens
 from deploy.tp import TPGroup
@@ -117,7 +117,7 @@ class VerifierServer:
         lossless = METHODS[method].lossless
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = lambda x: loop.call_soon_threadsafe(queue.put_nowait, x)  # noqa: E731 - called from the loop thread
-        self.loop.submit(ids, req.params, drafter, req.request_id, sink)
+        self.loop.submit(ids, req.params, drafter, req.request_id, sink, req.max_draft_tokens)
         self.metrics.running.set(self.loop.live_requests())
         last, prev, done, held = None, arrived, False, []
         try:
@@ -162,8 +162,6 @@ class VerifierServer:
             drafter = with_options(self.drafters[method], **req.draft_options())
         except ValueError as e:
             raise RequestError(f"method {method!r}: {e}") from None
-        if req.max_draft_tokens is not None:
-            drafter = CappedDrafter(drafter, req.max_draft_tokens)
         return ids, drafter, method
 
     def _encode(self, req: GenerationRequest) -> list[int]:

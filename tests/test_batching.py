@@ -441,3 +441,31 @@ def test_batch_invariance_switch_sets_the_attention_calls_and_both_stay_close(ta
             torch.testing.assert_close(row[-1], alone, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="plain backend"):
         EngineConfig(batch_invariant=False, backend="deepspeed")
+
+
+class _RecordingCaps(TreeDrafter):
+    """Random trees; records each ``propose_batch`` call's (request id, cap) items."""
+
+    def __init__(self) -> None:
+        super().__init__(259, seed=4, size=8)
+        self.calls: list[dict[str, int]] = []
+
+    def propose_batch(self, items):
+        self.calls.append({rid: n for rid, _, n in items})
+        return super().propose_batch(items)
+
+
+def test_a_requests_own_draft_cap_holds_inside_a_shared_batch(target):
+    """A client's max_draft_tokens caps its request only, and the capped request still drafts in the same
+    ``propose_batch`` call as the others (one call per drafter per step)."""
+    drafter = _RecordingCaps()
+    engine = Engine(target, EngineConfig(draft_gate=False))
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    engine.add([5, 17, 99], params, drafter, "capped", max_draft_tokens=2)
+    engine.add([7, 8, 9], params, drafter, "free")
+    engine.add([1, 2, 3], params, drafter, "none", max_draft_tokens=0)
+    while engine.has_work():
+        engine.step()
+    shared = [c for c in drafter.calls if {"capped", "free"} <= set(c)]
+    assert shared and all(c["capped"] <= 2 for c in shared) and max(c["free"] for c in shared) > 2
+    assert not any("none" in c for c in drafter.calls)  # a cap of 0: never asked for a draft
