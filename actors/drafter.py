@@ -1,9 +1,9 @@
 """The contract between the decode engine and every drafter.
 
 A drafter is a library: it knows nothing of Ray, gRPC, Redis or the verifier. The engine drives a
-request through ``start -> (propose -> observe)* -> finish``; a step's requests of one non-blocking drafter
-are proposed together through ``propose_batch`` (a draft model then runs one forward per depth for all of
-them, not one per request and depth).
+request through ``start -> (propose -> observe)* -> finish``; a step's requests whose drafters share a
+``batch_key`` are proposed together through ``propose_batch`` (a draft model then runs one forward per depth
+for all of them, not one per request and depth; a remote pool gets one call).
 
 Everything the engine and the serving layer read off a drafter is in :class:`Drafter`; nothing is read with
 a fallback. :class:`BaseDrafter` holds the defaults (exact acceptance, no ``tau``, no per-request options,
@@ -64,8 +64,8 @@ class DraftOptions(BaseModel):
 class Drafter(Protocol):
     #: How many of the target's top tokens per verified node ``observe`` wants (0 = none).
     target_topk: int
-    #: ``propose`` mostly waits on another process (a remote drafter): the engine then drafts every
-    #: request of a step concurrently, so a step costs one round trip, not one per request.
+    #: ``propose_batch`` mostly waits on another process (a remote pool): the engine then runs such groups
+    #: concurrently with each other and with the local drafting, so a step costs one round trip.
     blocking: bool
     #: The engine's rule for this drafter's drafts; anything but "exact" makes a request ``lossless: false``.
     acceptance: AcceptanceRule

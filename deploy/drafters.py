@@ -1,12 +1,13 @@
 """Drafters in the serving layer: built from config, hosted on the draft pool, reached through a thin
 adapter that implements the ``actors.drafter.Drafter`` protocol over a Serve handle.
 
-One remote call per decode step: the adapter piggybacks the previous step's feedback on the next
-``propose`` (the engine always calls observe -> propose in that order), so a step costs one round trip.
-Each call carries the whole context, so a replica without the request's state (a restart, a scale-in,
-an LRU eviction, a routing miss) rebuilds it with ``start`` and goes on; affinity (deploy.routing: the
-request id picks the replica) keeps that rare, which matters because a rebuild costs a re-prefill of a
-draft model, or folds the prompt's tri-grams into the adaptive store a second time.
+One remote call per decode step and pool: the adapter sends every request of the step that the pool serves
+in one ``DraftBatchRequest`` and piggybacks each request's previous feedback on it (the engine always calls
+observe -> propose in that order). Each item carries the request's whole context, so a replica without its
+state (a restart, a scale-in, an LRU eviction, a routing miss) rebuilds it with ``start`` and goes on;
+affinity (deploy.routing: each verifier's adapter picks one replica for all its requests) keeps that rare,
+which matters because a rebuild costs a re-prefill of a draft model, or folds the prompt's tri-grams into
+the adaptive store a second time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from actors.draft import Draft
-from actors.drafter import AcceptanceRule, BaseDrafter, Drafter, Feedback, propose_each, with_options
+from actors.drafter import AcceptanceRule, Drafter, Feedback, with_options
 from actors.methods import MethodUnavailable, make_drafter
 from actors.models import LoadedModel, TargetTokenizer
 from actors.sampling import SamplingParams
@@ -90,7 +91,45 @@ class DrafterHost:
                     "options": tuple(d.options), "vocab_size": self.vocab_size}
                 for m, d in self.drafters.items()}
 
+    def step_batch(self, batch: pb.DraftBatchRequest) -> pb.DraftBatchResponse:
+        """Each item's draft, or its error alone. Every item's session is started (or rebuilt) or fed the
+        feedback it carries, then the items whose drafters share a ``batch_key`` draft in one ``propose_batch``
+        (a draft model: one forward per depth for all of them)."""
+        results = [pb.DraftStepResult() for _ in batch.steps]
+        groups: dict[int, list[tuple[int, Drafter, _Session, bool]]] = {}
+        for i, req in enumerate(batch.steps):
+            try:
+                drafter, session, rebuilt = self._prepare(req)
+            except Exception as e:  # noqa: BLE001 - bad options, an unknown method, a failing start: this item's
+                results[i].error = _error_text(e)
+                continue
+            groups.setdefault(id(drafter.batch_key), []).append((i, drafter, session, rebuilt))
+        for group in groups.values():
+            items = [(batch.steps[i].request_id, np.asarray(batch.steps[i].context, np.int64),
+                      batch.steps[i].max_nodes) for i, *_ in group]
+            try:
+                drafts = group[0][1].propose_batch(items)
+            except Exception as e:  # noqa: BLE001 - the whole call failed: each of its items reports it
+                drafts = [e] * len(items)
+            for (i, _, session, rebuilt), draft in zip(group, drafts):
+                if isinstance(draft, BaseException):
+                    results[i].error = _error_text(draft)
+                else:
+                    session.last_draft = draft
+                    results[i].response.CopyFrom(pb.DraftStepResponse(draft=draft_to_proto(draft), rebuilt=rebuilt))
+        return pb.DraftBatchResponse(results=results)
+
     def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
+        """One request's step (a batch of one); its error is raised."""
+        result = self.step_batch(pb.DraftBatchRequest(steps=[req])).results[0]
+        if result.HasField("error"):
+            raise RuntimeError(result.error)
+        return result.response
+
+    def _prepare(self, req: pb.DraftStepRequest) -> tuple[Drafter, _Session, bool]:
+        """The item's drafter view and session: started when this replica has none, else fed its feedback."""
+        if req.method not in self.drafters:
+            raise ValueError(f"method {req.method!r} is not served by this pool")
         drafter = with_options(self.drafters[req.method], **{k: getattr(req, k) if req.HasField(k) else None
                                                              for k in ("gamma", "beam_width")})
         rid = req.request_id
@@ -98,13 +137,11 @@ class DrafterHost:
             session = self.sessions.get(rid, (None, None))[1]
             if session is not None:
                 self.sessions.move_to_end(rid)  # least recently stepped goes first when over max_sessions
-        rebuilt = session is None
-        if rebuilt:
-            session = self._start(drafter, req)
-        elif req.HasField("feedback") and session.last_draft is not None:
+        if session is None:
+            return drafter, self._start(drafter, req), True
+        if req.HasField("feedback") and session.last_draft is not None:
             drafter.observe(rid, feedback_from_proto(req.feedback, session.last_draft))
-        session.last_draft = drafter.propose(rid, np.asarray(req.context, np.int64), req.max_nodes)
-        return pb.DraftStepResponse(draft=draft_to_proto(session.last_draft), rebuilt=rebuilt)
+        return drafter, session, False
 
     def finish(self, request_id: str) -> None:
         with self._lock:
@@ -128,6 +165,8 @@ class DrafterHost:
 class _Remote:
     prompt_len: int
     params: SamplingParams
+    gamma: int | None  # the options of the view that started the request, sent with each of its steps
+    beam_width: int | None
     feedback: Feedback | None = None
 
 
@@ -168,7 +207,7 @@ class DraftLink:
 class RemoteDrafter:
     """``actors.drafter.Drafter`` over a drafter-pool handle; called from the engine's (non-async) thread."""
 
-    blocking: ClassVar[bool] = True  # each propose is a round trip: the engine overlaps a step's calls
+    blocking: ClassVar[bool] = True  # each propose_batch is a round trip: the engine overlaps the pools' calls
     handle: Any  # DeploymentHandle of a DrafterPool deployment
     method: str
     target_topk: int
@@ -202,68 +241,90 @@ class RemoteDrafter:
                                    tau=self.tau if tau is None else tau)
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        self._requests[request_id] = _Remote(len(prompt_ids), params)  # the first propose carries it all
+        # The first step carries the prompt; every step carries the options of the view that started it.
+        self._requests[request_id] = _Remote(len(prompt_ids), params, self.gamma, self.beam_width)
 
     def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
-        st = self._requests[request_id]
+        draft = self.propose_batch([(request_id, context, max_nodes)])[0]
+        if isinstance(draft, BaseException):
+            raise draft
+        return draft
+
+    @property
+    def batch_key(self) -> object:
+        return self._requests  # shared by every view: a step's requests on this pool go in one call
+
+    def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
+        """One round trip for the step: a ``DraftBatchRequest`` of every item to this adapter's replica.
+
+        A failed or timed-out call makes every item a plain step (``DraftLink``); an item the replica could
+        not draft (its error) or a draft the target cannot verify is a plain step for that item alone."""
         if self.link.is_down():
-            return Draft.empty()  # the feedback of this plain step rides on the next step that is sent
-        msg = pb.DraftStepRequest(
-            request_id=self._key(request_id), method=self.method, context=np.asarray(context).tolist(),
-            prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
-            max_new_tokens=st.params.max_new_tokens, gamma=self.gamma, beam_width=self.beam_width)
-        if st.feedback is not None:
-            msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
-            st.feedback = None
-        response = self._handle(request_id).step.remote(msg.SerializeToString())
+            return [Draft.empty() for _ in items]  # their feedback rides on the next step that is sent
+        batch = pb.DraftBatchRequest()
+        for request_id, context, max_nodes in items:
+            st = self._requests[request_id]
+            msg = batch.steps.add(
+                request_id=self._key(request_id), method=self.method, context=np.asarray(context).tolist(),
+                prompt_len=st.prompt_len, max_nodes=max_nodes, sampling=params_to_sampling(st.params),
+                max_new_tokens=st.params.max_new_tokens, gamma=st.gamma, beam_width=st.beam_width)
+            if st.feedback is not None:
+                msg.feedback.CopyFrom(feedback_to_proto(st.feedback))
+                st.feedback = None
+        response = self._handle().step_batch.remote(batch.SerializeToString())
         try:
-            reply = response.result(timeout_s=self.link.timeout_s)
-        except Exception as e:  # noqa: BLE001 - a dead, missing or stuck replica: this step is plain, not fatal
+            reply = pb.DraftBatchResponse.FromString(response.result(timeout_s=self.link.timeout_s))
+            if len(reply.results) != len(items):
+                raise ValueError(f"{len(reply.results)} results for {len(items)} steps")
+        except Exception as e:  # noqa: BLE001 - a dead, missing or stuck replica, or a garbled reply: plain steps
             response.cancel()  # a step still queued for a replica that is not there yet is dropped
             self.link.failed()
             log.warning("drafter %s step failed (%s: %s); plain steps for %.1fs", self.method, type(e).__name__,
                         str(e)[:200], self.link.retry_s)
-            return Draft.empty()
-        return self._checked(reply, max_nodes)
-
-    @property
-    def batch_key(self) -> object:
-        return self  # blocking: the engine calls propose concurrently instead
-
-    def propose_batch(self, items: Sequence[tuple[str, np.ndarray, int]]) -> list[Draft | BaseException]:
-        return propose_each(self, items)
+            return [Draft.empty() for _ in items]
+        return [self._checked(result, max_nodes) for result, (_, _, max_nodes) in zip(reply.results, items)]
 
     def observe(self, request_id: str, feedback: Feedback) -> None:
         self._requests[request_id].feedback = feedback
 
     def finish(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
-            self._handle(request_id).finish.remote(self._key(request_id))  # fire and forget: same route as the steps
+            self._handle().finish.remote(self._key(request_id))  # fire and forget: same route as the steps
 
     def _key(self, request_id: str) -> str:
         return f"{self.session_prefix}/{request_id}"
 
-    def _handle(self, request_id: str):
-        return self.handle.options(multiplexed_model_id=self._key(request_id)) if self.affinity else self.handle
+    def _handle(self):
+        """Every call of this adapter (one per verifier replica) goes to one replica: a step's requests travel
+        together, so their sessions must live together; verifiers spread over the pool (deploy.routing)."""
+        return self.handle.options(multiplexed_model_id=self.session_prefix) if self.affinity else self.handle
 
-    def _checked(self, reply: bytes, max_nodes: int) -> Draft:
-        """The draft a replica sent, or the empty draft (a plain step) when it is not one the target can verify.
+    def _checked(self, result: pb.DraftStepResult, max_nodes: int) -> Draft:
+        """The draft a replica sent, or the empty draft (a plain step) when it sent an error or a draft the
+        target cannot verify.
 
         A draft crosses a process boundary and may come from state shared with others (the Redis store):
         an id outside the vocabulary would index past the target's logits (an IndexError here, a device
-        assert on CUDA) and fail the request. Refusals are counted in ``refused`` and logged.
+        assert on CUDA) and fail the request. Refusals are counted in ``refused`` (by reason) and logged.
         """
-        try:
-            draft = draft_from_proto(pb.DraftStepResponse.FromString(reply).draft)
-            reason = draft_problem(draft, max_nodes, self.vocab_size)
-        except Exception as e:  # noqa: BLE001 - undecodable bytes or an inconsistent tree: refused the same way
-            draft, reason = None, f"undecodable ({type(e).__name__}: {e})"
+        if result.HasField("error"):
+            draft, reason = None, f"drafter_error: {result.error}"
+        else:
+            try:
+                draft = draft_from_proto(result.response.draft)
+                reason = draft_problem(draft, max_nodes, self.vocab_size)
+            except Exception as e:  # noqa: BLE001 - undecodable bytes or an inconsistent tree: refused the same way
+                draft, reason = None, f"undecodable ({type(e).__name__}: {e})"
         if reason is None:
             return draft
         key = reason.split(":")[0].split(" ")[0]
         self.refused[key] = self.refused.get(key, 0) + 1
         log.warning("draft from %s refused, plain step instead: %s", self.method, reason)
         return Draft.empty()
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
 
 
 def draft_problem(draft: Draft, max_nodes: int, vocab_size: int | None) -> str | None:
@@ -278,40 +339,3 @@ def draft_problem(draft: Draft, max_nodes: int, vocab_size: int | None) -> str |
         if not bool(torch.isfinite(draft.q).all()) or bool((draft.q < 0).any()):
             return "bad_q: q has negative or non-finite entries"
     return None
-
-
-@dataclass
-class CappedDrafter(BaseDrafter):
-    """A per-request draft budget over a shared drafter: at most ``cap`` nodes per step."""
-
-    inner: Drafter
-    cap: int
-
-    @property
-    def target_topk(self) -> int:
-        return self.inner.target_topk
-
-    @property
-    def blocking(self) -> bool:
-        return self.inner.blocking
-
-    @property
-    def acceptance(self) -> AcceptanceRule:  # the engine must apply the inner drafter's rule (mtad is approximate)
-        return self.inner.acceptance
-
-    @property
-    def tau(self) -> float | None:
-        return self.inner.tau
-
-    def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        self.inner.start(request_id, prompt_ids, params)
-
-    def propose(self, request_id: str, context: np.ndarray, max_nodes: int) -> Draft:
-        n = min(max_nodes, self.cap)
-        return self.inner.propose(request_id, context, n) if n > 0 else Draft.empty()
-
-    def observe(self, request_id: str, feedback: Feedback) -> None:
-        self.inner.observe(request_id, feedback)
-
-    def finish(self, request_id: str) -> None:
-        self.inner.finish(request_id)

@@ -46,12 +46,13 @@ class DrafterPool:
     def info(self) -> dict[str, int]:
         return self.host.info()
 
-    async def step(self, payload: bytes) -> bytes:
-        """One DraftStepRequest -> DraftStepResponse (serialized: the contract, and cheap to move)."""
-        req = pb.DraftStepRequest.FromString(payload)
-        reply = await self._call(self.host.step, req)
-        if reply.rebuilt and req.prompt_len < len(req.context):
-            self.metrics.rebuilds.inc()
+    async def step_batch(self, payload: bytes) -> bytes:
+        """One DraftBatchRequest -> DraftBatchResponse (serialized: the contract, and cheap to move)."""
+        batch = pb.DraftBatchRequest.FromString(payload)
+        reply = await self._call(self.host.step_batch, batch)
+        for req, result in zip(batch.steps, reply.results):
+            if result.response.rebuilt and req.prompt_len < len(req.context):
+                self.metrics.rebuilds.inc()
         return reply.SerializeToString()
 
     async def finish(self, request_id: str) -> None:

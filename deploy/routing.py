@@ -1,11 +1,13 @@
-"""Request affinity for drafter pools: every draft step of a request goes to the same replica.
+"""Affinity for drafter pools: every draft step of a verifier's requests goes to the same replica.
 
-Serve's multiplexed routing learns which replica holds an id from reports the replicas push to the
-controller, so a request's first steps land at random and its state ends up on several replicas. Here
-the choice is a pure function of the request id and the current replica set (rendezvous hashing): the
-first step already lands where all later ones will, and scaling moves only the requests of the
-replicas that came or went. The key travels as the multiplexed model id (``handle.options(
-multiplexed_model_id=request_id)``); a request without one is routed like Serve's default.
+A verifier's ``RemoteDrafter`` sends each step's requests in one call, so their sessions must live on one
+replica; the routing key is that adapter's random prefix (one per verifier replica), and verifiers spread
+over the pool. Serve's multiplexed routing learns which replica holds an id from reports the replicas push
+to the controller, so a key's first calls land at random and its state ends up on several replicas. Here
+the choice is a pure function of the key and the current replica set (rendezvous hashing): the first call
+already lands where all later ones will, and scaling moves only the keys of the replicas that came or
+went. The key travels as the multiplexed model id (``handle.options(multiplexed_model_id=key)``); a call
+without one is routed like Serve's default.
 """
 
 from __future__ import annotations

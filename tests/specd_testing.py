@@ -100,23 +100,31 @@ class FreshReplicaEachStep:
     def __init__(self, drafters: dict) -> None:
         self.drafters = drafters
         self.rebuilds = 0
+        self.batch_sizes: list[int] = []  # items per step_batch call
+        self.routes: set[str | None] = set()  # the multiplexed ids calls were routed by
 
-    def options(self, **_):
+    def options(self, multiplexed_model_id: str | None = None, **_):
+        self.routes.add(multiplexed_model_id)
         return self
 
     @property
-    def step(self) -> _Call:
-        return _Call(self._step)
+    def step_batch(self) -> _Call:
+        return _Call(self._step_batch)
 
     @property
     def finish(self) -> _Call:
         return _Call(lambda request_id: None)
 
-    def _step(self, payload: bytes) -> bytes:
+    def _step_batch(self, payload: bytes) -> bytes:
+        batch = pb.DraftBatchRequest.FromString(payload)
+        self.batch_sizes.append(len(batch.steps))
+        return self._host_step(batch).SerializeToString()
+
+    def _host_step(self, batch: pb.DraftBatchRequest) -> pb.DraftBatchResponse:
         host = DrafterHost(self.drafters)
-        reply = host.step(pb.DraftStepRequest.FromString(payload))
+        reply = host.step_batch(batch)
         self.rebuilds += host.rebuilds
-        return reply.SerializeToString()
+        return reply
 
 
 class OneReplica(FreshReplicaEachStep):
@@ -130,5 +138,5 @@ class OneReplica(FreshReplicaEachStep):
     def finish(self) -> _Call:
         return _Call(self.host.finish)
 
-    def _step(self, payload: bytes) -> bytes:
-        return self.host.step(pb.DraftStepRequest.FromString(payload)).SerializeToString()
+    def _host_step(self, batch: pb.DraftBatchRequest) -> pb.DraftBatchResponse:
+        return self.host.step_batch(batch)

@@ -37,13 +37,13 @@ class KillableReplica(OneReplica):
         self.error, self.down_steps, self.steps, self.calls = error, set(), 0, []
 
     @property
-    def step(self):
+    def step_batch(self):
         self.steps += 1
         if self.steps in self.down_steps:
             return _FailingCall(_Failed(self.error, self.calls))
         if self.steps - 1 in self.down_steps:  # the first step after an outage lands on a new replica
             self.host = DrafterHost(self.drafters, vocab_size=self.host.vocab_size)
-        return super().step
+        return super().step_batch
 
 
 class _FailingCall:
