@@ -13,6 +13,12 @@ Each side runs as it would be run: the embedded engine with ``--torch-threads`` 
 the served replicas with ServeConfig's default (one fewer than the CPUs: Ray's processes need one).
 Reported: tokens/s served / embedded (goal >= 0.9x), and the drafter's per-step time (the engine's
 ``draft_seconds / target_forwards``) remote vs colocated: the difference is the remote round trip.
+
+``--concurrency N`` (N > 1) runs all the prompts as one closed loop of N requests in flight per side
+(``Engine.run_many``; N client threads), the unit being the whole prompt list: what a batched step's
+drafting costs when its N requests' drafts cross to the pool. Drafters are not reset between repeats:
+ADED's second repeat drafts prompts it has decoded (a memorized regime, 4-5 tokens per forward), so each
+unit's tokens/s is reported too (``units_tokens_per_second``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import platform
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=4, help="half MT-Bench, half HumanEval (first N/2 of each)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight per side (see above)")
     p.add_argument("--torch-threads", type=int, default=2, help="the embedded engine's threads")
     p.add_argument("--served-threads", type=int, default=None,
                    help="the served replicas' threads (default: ServeConfig's, i.e. what `specd serve` uses)")
@@ -67,7 +75,7 @@ def configs(args) -> dict[str, ServeConfig]:
     """The two apps: the method's drafter on the draft pool, or inside the verifier."""
     base = dict(model=args.model, draft_model=args.draft_model, default_method="ar", torch_threads=args.served_threads,
                 http_port=_port(), grpc_port=_port(), max_tokens_limit=max(2048, args.max_tokens),
-                verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
+                max_batch=max(8, args.concurrency), verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
     aux = args.method in ServeConfig().aux_methods
     key = "aux_placement" if aux else "trigram_placement"
     other = "trigram_placement" if aux else "aux_placement"  # the other pool stays out of the way
@@ -83,29 +91,45 @@ def chat_ids(target, prompt: str) -> list[int]:
     return target.encode(prompt, chat=True) if target.is_chat else target.encode(prompt, chat=False)[:200]  # tiny
 
 
-def run_embedded(engine, drafter, ids, max_tokens) -> dict:
+def run_embedded(engine, drafter, inputs, max_tokens, c) -> dict:
+    """One unit: ``inputs`` decoded ``c`` at a time; each request's row and the unit's wall time."""
     t = time.perf_counter()
-    g = engine.run(ids, SamplingParams(max_new_tokens=max_tokens), drafter)
+    outs = engine.run_many(inputs, SamplingParams(max_new_tokens=max_tokens), drafter, concurrency=c)
     wall = time.perf_counter() - t
-    return _row(g.token_ids, wall, g.stats.target_forwards, g.stats.draft_seconds)
+    rows = [_row(g.token_ids, g.stats.target_forwards, g.stats.draft_seconds) for g in outs]
+    return {"rows": rows, "seconds": wall}
 
 
-def run_served(client, ids, method, max_tokens) -> dict:
+def run_served(client_factory, inputs, method, max_tokens, c) -> dict:
+    rows: list[dict | None] = [None] * len(inputs)
+
+    def worker(k: int) -> None:
+        client = client_factory()
+        for i in range(k, len(inputs), c):
+            r = client.generate(inputs[i], max_tokens=max_tokens, method=method, temperature=0.0)
+            rows[i] = _row(list(r.token_ids), r.stats.target_forwards, r.stats.draft_seconds)
+
     t = time.perf_counter()
-    r = client.generate(ids, max_tokens=max_tokens, method=method, temperature=0.0)
-    wall = time.perf_counter() - t
-    return _row(list(r.token_ids), wall, r.stats.target_forwards, r.stats.draft_seconds)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(min(c, len(inputs)))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return {"rows": rows, "seconds": time.perf_counter() - t}
 
 
-def _row(tokens, wall, forwards, draft_s) -> dict:
-    return {"tokens": tokens, "seconds": wall, "forwards": forwards, "draft_seconds": draft_s}
+def _row(tokens, forwards, draft_s) -> dict:
+    return {"tokens": tokens, "forwards": forwards, "draft_seconds": draft_s}
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(units: list[dict]) -> dict:
+    rows = [r for u in units for r in u["rows"]]
     n = sum(len(r["tokens"]) for r in rows)
-    secs = sum(r["seconds"] for r in rows)
+    secs = sum(u["seconds"] for u in units)
     fwd = sum(r["forwards"] for r in rows)
     return {"tokens": n, "seconds": round(secs, 3), "tokens_per_second": round(n / secs, 3),
+            "units_tokens_per_second": [round(sum(len(r["tokens"]) for r in u["rows"]) / u["seconds"], 3)
+                                        for u in units],
             "tokens_per_forward": round(n / fwd, 3) if fwd else 0.0,
             "draft_ms_per_step": round(1e3 * sum(r["draft_seconds"] for r in rows) / fwd, 3) if fwd else 0.0}
 
@@ -116,7 +140,7 @@ def main(argv=None) -> int:
     cfgs = configs(args)
     target = load_model(args.model)
     draft = load_model(args.draft_model) if args.draft_model else None
-    engine = Engine(target, EngineConfig())
+    engine = Engine(target, EngineConfig(max_batch=max(8, args.concurrency)))
     local_drafters = build_drafters(cfgs["colocated"], [args.method], target, draft)
     if args.method not in local_drafters:
         raise SystemExit(f"method {args.method!r} cannot run here (see the warning above)")
@@ -142,31 +166,38 @@ def main(argv=None) -> int:
 
 
 def measure(args, cfgs, engine, embedded, inputs) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
+    """Units (one prompt at c=1, the whole list at c > 1) per side, interleaved: embedded, then each app."""
+    units: dict[str, list[dict]] = {}
     port = cfgs["remote"].grpc_port
-    clients = {name: SpecdClient(f"127.0.0.1:{port}", application=name, timeout=600) for name in cfgs}
-    for name, c in clients.items():  # warm-up: first-call costs (routing tables, allocator) stay out
-        run_served(c, inputs[0][:16], args.method, 4)
-    run_embedded(engine, embedded[args.method], inputs[0][:16], 4)
+    factories = {name: (lambda name=name: SpecdClient(f"127.0.0.1:{port}", application=name, timeout=600))
+                 for name in cfgs}
+    c = args.concurrency
+    batches = [[ids] for ids in inputs] if c == 1 else [inputs]
+    warm = [ids[:16] for ids in inputs[:c]]
+    for f in factories.values():  # warm-up: first-call costs (routing tables, allocator) stay out
+        run_served(f, warm, args.method, 4, c)
+    run_embedded(engine, embedded[args.method], warm, 4, c)
     for rep in range(args.repeats):
-        for i, ids in enumerate(inputs):
+        for i, batch in enumerate(batches):
             for method in (args.method, "ar"):
-                rows.setdefault(f"embedded/{method}", []).append(run_embedded(engine, embedded[method], ids,
-                                                                              args.max_tokens))
-                for name, c in clients.items():
+                units.setdefault(f"embedded/{method}", []).append(
+                    run_embedded(engine, embedded[method], batch, args.max_tokens, c))
+                for name, f in factories.items():
                     if method == "ar" and name == "colocated":
                         continue  # ar has no drafter: one served placement is enough
-                    rows.setdefault(f"served-{name}/{method}", []).append(run_served(c, ids, method, args.max_tokens))
-            print(f"repeat {rep + 1} prompt {i + 1}/{len(inputs)} done", file=sys.stderr, flush=True)
-    return rows
+                    units.setdefault(f"served-{name}/{method}", []).append(
+                        run_served(f, batch, method, args.max_tokens, c))
+            print(f"repeat {rep + 1} unit {i + 1}/{len(batches)} done", file=sys.stderr, flush=True)
+    return units
 
 
 def build_report(args, rows, texts) -> dict:
     summary = {k: summarize(v) for k, v in rows.items()}
     m = args.method
     emb = summary[f"embedded/{m}"]["tokens_per_second"]
-    identical = {k: all(r["tokens"] == e["tokens"] for r, e in zip(v, rows[f"embedded/{k.split('/')[1]}"]))
-                 for k, v in rows.items() if k.startswith("served")}
+    flat = {k: [r for u in v for r in u["rows"]] for k, v in rows.items()}
+    identical = {k: all(r["tokens"] == e["tokens"] for r, e in zip(v, flat[f"embedded/{k.split('/')[1]}"]))
+                 for k, v in flat.items() if k.startswith("served")}
     summary["ratios"] = {
         f"served-remote/{m} vs embedded": round(summary[f"served-remote/{m}"]["tokens_per_second"] / emb, 3),
         f"served-colocated/{m} vs embedded": round(summary[f"served-colocated/{m}"]["tokens_per_second"] / emb, 3),
@@ -179,7 +210,8 @@ def build_report(args, rows, texts) -> dict:
     return {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
             "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
             "prompts": texts, "summary": summary,
-            "runs": {k: [{**r, "tokens": len(r["tokens"])} for r in v] for k, v in rows.items()}}
+            "runs": {k: [{"seconds": round(u["seconds"], 3), "rows": [{**r, "tokens": len(r["tokens"])} for r in u["rows"]]}
+                         for u in v] for k, v in rows.items()}}
 
 
 if __name__ == "__main__":

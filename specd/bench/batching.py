@@ -163,8 +163,8 @@ def _progress(r: dict) -> str:
 def measure_served(args, target, sets, levels, methods) -> dict:
     """Served runs, each paired with an embedded run of the same prompts just before it (``paired/...``):
     the host's steal moves in bursts of seconds, so served vs embedded is read pair by pair, never between
-    runs minutes apart. Each level gets fresh replicas, and its embedded twin a fresh drafter per method
-    that learns from the same requests in the same order (warm-up included) as the replica's does."""
+    runs minutes apart. Each level and repeat gets fresh replicas, and its embedded twin a fresh drafter per
+    method that learns from the same requests in the same order (warm-up included) as the replica's does."""
     from ray import serve
 
     from deploy import local
@@ -184,16 +184,18 @@ def measure_served(args, target, sets, levels, methods) -> dict:
     engine = Engine(target, EngineConfig(max_batch=max(levels)))
     runs: dict[str, list[dict]] = {}
     local.start(cfg, extra_resources={"verify_pool": 1})
+    factory = lambda: SpecdClient(f"127.0.0.1:{cfg.grpc_port}", application=cfg.name, timeout=1200)  # noqa: E731
     try:
         for c in levels:
-            serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/")  # fresh replicas
-            factory = lambda: SpecdClient(f"127.0.0.1:{cfg.grpc_port}", application=cfg.name, timeout=1200)  # noqa: E731
-            twins = {m: make_drafter(m, target) for m in methods}
-            for m in methods:  # warm-up, both sides alike
-                run_served(factory, sets["mtbench"][:2], m, 8, 2)
-                engine.run_many(sets["mtbench"][:2], warm, twins[m], 2)
-            freeze_gc_heap()
             for _ in range(args.repeats):
+                # Fresh replicas and twins for every repeat: a drafter that decoded these prompts before drafts
+                # them from memory (4-6 tokens per forward), a regime no cold embedded run is in.
+                serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/")
+                twins = {m: make_drafter(m, target) for m in methods}
+                for m in methods:  # warm-up, both sides alike
+                    run_served(factory, sets["mtbench"][:2], m, 8, 2)
+                    engine.run_many(sets["mtbench"][:2], warm, twins[m], 2)
+                freeze_gc_heap()
                 for name, inputs in sets.items():
                     for m in methods:
                         pair = {"paired": run_embedded(engine, twins[m], inputs, params, c),
@@ -202,7 +204,7 @@ def measure_served(args, target, sets, levels, methods) -> dict:
                             runs.setdefault(f"{side}/{name}/{m}/{c}", []).append(r)
                         print(f"served {name} {m} c={c}: {_progress(pair['served'])}; embedded beside it: "
                               f"{_progress(pair['paired'])}", file=sys.stderr, flush=True)
-            serve.delete(cfg.name)
+                serve.delete(cfg.name)
     finally:
         local.stop()
     return {key: median_run(rs) for key, rs in runs.items()}
