@@ -89,8 +89,11 @@ class ServeConfig(BaseModel):
     aux_placement: Literal["remote", "colocated"] = Field(
         "remote", description="Auxiliary draft model in its own deployment on the draft pool, or inside each verifier.")
     drafter_affinity: bool = Field(
-        True, description="Route all draft steps of a request to one drafter replica (deploy.routing).")
-    drafter_sessions: int = Field(64, ge=1, description="Request states a drafter replica keeps (LRU beyond).")
+        True, description="Route all draft steps of a verifier replica's requests to one drafter replica (a "
+        "step's requests travel in one call; deploy.routing).")
+    drafter_sessions: int = Field(
+        256, ge=1, description="Request states a drafter replica keeps (LRU beyond: a bound for states whose "
+        "finish never arrived). Keep it above max_batch x the verifier replicas one drafter replica serves.")
     drafter_timeout_s: float = Field(
         3.0, gt=0, description="Bound on one remote draft step: past it (or on any failure of the call) the "
         "step is a plain one and the request goes on.")
