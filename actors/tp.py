@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from actors.draft import Draft
+from actors.process import free_port
 from actors.verifier import TargetSequence, Verifier
 
 Op = tuple  # ("start", key, prompt, prefill) | ("prefill", key, max_tokens) | ("verify", [(key, tokens, parents), ...])
@@ -44,12 +44,6 @@ Op = tuple  # ("start", key, prompt, prefill) | ("prefill", key, max_tokens) | (
 
 class TPGroupError(RuntimeError):
     """The tensor-parallel group is broken (a rank died or a collective timed out)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _deepspeed():
@@ -228,7 +222,7 @@ def launch_local(fn: Callable[..., None], tp_size: int, *args: Any, timeout_s: f
     """
     import torch.multiprocessing as mp
 
-    port = free_port()
+    port = free_port("127.0.0.1")
     mp.start_processes(_local_rank, args=(tp_size, port, timeout_s, fn, args), nprocs=tp_size,
                        join=True, start_method="spawn")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 
 import fuzz_cases  # noqa: E402
+from actors.process import free_port  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
 
 PROMPTS = ("hello world", "the quick brown fox", "0123456789", "speculative decoding is", "def add(a, b):")
@@ -293,9 +293,7 @@ def cancels(app: App, n: int) -> dict:
 
 
 def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def serve_config(model: str, draft_model: str, redis_url: str, grpc_port: int, http_port: int, name: str = "specd",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from actors.engine import Engine, EngineConfig  # noqa: E402
+from actors.process import free_port  # noqa: E402
 from actors.methods import make_drafter  # noqa: E402
 from actors.models import load_model  # noqa: E402
 from actors.sampling import SamplingParams  # noqa: E402
@@ -66,9 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def configs(args) -> dict[str, ServeConfig]:

@@ -17,7 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.engine import Engine, EngineConfig
 from actors.models import LoadedModel, load_model
-from actors.tp import TPGroupError, follow, free_port, init_group
+from actors.process import free_port
+from actors.tp import TPGroupError, follow, init_group
 from deploy.config import ServeConfig
 
 

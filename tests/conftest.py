@@ -1,10 +1,10 @@
-import socket
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from actors.models import LoadedModel, load_model
+from actors.process import free_port
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads make every
 # forward several times slower.
@@ -27,12 +27,6 @@ def aux() -> LoadedModel:
 def smollm2() -> LoadedModel:
     """SmolLM2-135M from the cache (the first run on a machine converts it from GGUF, ~30 s)."""
     return load_model("smollm2-135m")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

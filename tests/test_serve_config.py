@@ -88,3 +88,19 @@ def test_batch_invariance_reaches_the_engine_and_a_tp_group_refuses_to_drop_it()
     assert not ServeConfig(budget_timing=False).engine_config().budget_timing
     with pytest.raises(ValidationError, match="plain backend"):  # at load time, not at a replica's start
         ServeConfig(batch_invariant=False, tp_size=2)
+
+
+def test_ports_for_servers_are_drawn_below_the_ephemeral_range_and_bind():
+    """A port picked by binding port 0 is an ephemeral one that another process's outgoing connection may
+    take before the server binds it (a Serve proxy failed on "[::]:34141" that way)."""
+    import socket
+
+    from actors.process import _binds, _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(p < low for p in ports)
+    with socket.create_server(("127.0.0.1", free_port())) as taken:
+        port = taken.getsockname()[1]
+        assert not _binds("", port) and not _binds("127.0.0.1", port)
+    assert _binds("", port)  # free again

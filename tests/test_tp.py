@@ -200,7 +200,7 @@ def served_tp2(tmp_path_factory):
     import psutil
     import yaml
 
-    from actors.tp import free_port
+    from actors.process import free_port
 
     grpc_port = free_port()
     config = tmp_path_factory.mktemp("tp") / "serve.yaml"

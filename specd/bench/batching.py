@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import socket
 import statistics
 import sys
 import threading
@@ -39,7 +38,7 @@ import torch
 from actors.engine import Engine, EngineConfig
 from actors.methods import make_drafter
 from actors.models import load_model
-from actors.process import freeze_gc_heap
+from actors.process import free_port, freeze_gc_heap
 from actors.sampling import SamplingParams
 from actors.stats import StepInfo
 from specd.bench.harness import CpuSteal, pct_text, steal_fields
@@ -172,12 +171,7 @@ def measure_served(args, target, sets, levels, methods) -> dict:
     from deploy.config import DeploymentOptions, ServeConfig
     from specd.client import SpecdClient
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cfg = ServeConfig(model=args.model, default_method="ar", http_port=ports[0], grpc_port=ports[1],
+    cfg = ServeConfig(model=args.model, default_method="ar", http_port=free_port(), grpc_port=free_port(),
                       max_batch=max(levels), torch_threads=args.served_torch_threads, verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
     params = SamplingParams(max_new_tokens=args.max_tokens)
     warm = SamplingParams(max_new_tokens=8)
