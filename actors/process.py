@@ -40,13 +40,17 @@ def _ephemeral_low() -> int:
 
 
 def _binds(host: str, port: int) -> bool:
-    families = [socket.AF_INET6, socket.AF_INET] if not host else [socket.AF_INET6 if ":" in host else socket.AF_INET]
+    if host:
+        families = [socket.AF_INET6 if ":" in host else socket.AF_INET]
+    else:
+        families = [socket.AF_INET6, socket.AF_INET]
     for family in families:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
         except OSError as e:
-            if family == socket.AF_INET6 and not host and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # no IPv6 here
+            no_ipv6 = family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+            if no_ipv6 and not host:  # this host has no IPv6: IPv4 alone decides
                 continue
             return False
     return True
