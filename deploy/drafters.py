@@ -119,13 +119,6 @@ class DrafterHost:
                     results[i].response.CopyFrom(pb.DraftStepResponse(draft=draft_to_proto(draft), rebuilt=rebuilt))
         return pb.DraftBatchResponse(results=results)
 
-    def step(self, req: pb.DraftStepRequest) -> pb.DraftStepResponse:
-        """One request's step (a batch of one); its error is raised."""
-        result = self.step_batch(pb.DraftBatchRequest(steps=[req])).results[0]
-        if result.HasField("error"):
-            raise RuntimeError(result.error)
-        return result.response
-
     def _prepare(self, req: pb.DraftStepRequest) -> tuple[Drafter, _Session, bool]:
         """The item's drafter view and session: started when this replica has none, else fed its feedback."""
         if req.method not in self.drafters:

@@ -1,6 +1,6 @@
 """Served sd stays exact when every step lands on a drafter replica that lost the request's state.
 
-The drafter side is the served one (RemoteDrafter -> protobuf -> DrafterHost.step -> ModelDrafter); only
+The drafter side is the served one (RemoteDrafter -> protobuf -> DrafterHost.step_batch -> ModelDrafter); only
 the Serve handle is replaced by an in-process one that sends each step to a fresh DrafterHost over the same
 drafters, which is what an LRU eviction, a restart, a scale-in or a routing miss gives: ``start`` again
 from the prompt, then ``propose`` on the whole context.
