@@ -15,10 +15,11 @@ Reported: tokens/s served / embedded (goal >= 0.9x), and the drafter's per-step 
 ``draft_seconds / target_forwards``) remote vs colocated: the difference is the remote round trip.
 
 ``--concurrency N`` (N > 1) runs all the prompts as one closed loop of N requests in flight per side
-(``Engine.run_many``; N client threads), the unit being the whole prompt list: what a batched step's
-drafting costs when its N requests' drafts cross to the pool. Drafters are not reset between repeats:
-ADED's second repeat drafts prompts it has decoded (a memorized regime, 4-5 tokens per forward), so each
-unit's tokens/s is reported too (``units_tokens_per_second``).
+(the batching suite's ``run_embedded`` / ``run_served``: ``Engine.run_many``; N client threads), the unit
+being the whole prompt list: what a batched step's drafting costs when its N requests' drafts cross to
+the pool. Drafters are not reset between repeats: ADED's second repeat drafts prompts it has decoded (a
+memorized regime, 4-5 tokens per forward), so each unit's tokens/s is reported too
+(``units_tokens_per_second``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import argparse
 import json
 import platform
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +36,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from actors.engine import Engine, EngineConfig  # noqa: E402
-from actors.process import free_port  # noqa: E402
 from actors.methods import make_drafter  # noqa: E402
 from actors.models import load_model  # noqa: E402
+from actors.process import free_port  # noqa: E402
 from actors.sampling import SamplingParams  # noqa: E402
 from deploy import local  # noqa: E402
 from deploy.app import build_app  # noqa: E402
 from deploy.config import DeploymentOptions, ServeConfig  # noqa: E402
 from deploy.drafters import build_drafters  # noqa: E402
+from specd.bench.batching import run_embedded, run_served  # noqa: E402
 from specd.client import SpecdClient  # noqa: E402
 from specd.bench.prompts import humaneval_prompts, mtbench_prompts  # noqa: E402
 
@@ -89,45 +89,13 @@ def chat_ids(target, prompt: str) -> list[int]:
     return target.encode(prompt, chat=True) if target.is_chat else target.encode(prompt, chat=False)[:200]  # tiny
 
 
-def run_embedded(engine, drafter, inputs, max_tokens, c) -> dict:
-    """One unit: ``inputs`` decoded ``c`` at a time; each request's row and the unit's wall time."""
-    t = time.perf_counter()
-    outs = engine.run_many(inputs, SamplingParams(max_new_tokens=max_tokens), drafter, concurrency=c)
-    wall = time.perf_counter() - t
-    rows = [_row(g.token_ids, g.stats.target_forwards, g.stats.draft_seconds) for g in outs]
-    return {"rows": rows, "seconds": wall}
-
-
-def run_served(client_factory, inputs, method, max_tokens, c) -> dict:
-    rows: list[dict | None] = [None] * len(inputs)
-
-    def worker(k: int) -> None:
-        client = client_factory()
-        for i in range(k, len(inputs), c):
-            r = client.generate(inputs[i], max_tokens=max_tokens, method=method, temperature=0.0)
-            rows[i] = _row(list(r.token_ids), r.stats.target_forwards, r.stats.draft_seconds)
-
-    t = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(min(c, len(inputs)))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return {"rows": rows, "seconds": time.perf_counter() - t}
-
-
-def _row(tokens, forwards, draft_s) -> dict:
-    return {"tokens": tokens, "forwards": forwards, "draft_seconds": draft_s}
-
-
 def summarize(units: list[dict]) -> dict:
     rows = [r for u in units for r in u["rows"]]
     n = sum(len(r["tokens"]) for r in rows)
-    secs = sum(u["seconds"] for u in units)
+    secs = sum(u["wall_seconds"] for u in units)
     fwd = sum(r["forwards"] for r in rows)
     return {"tokens": n, "seconds": round(secs, 3), "tokens_per_second": round(n / secs, 3),
-            "units_tokens_per_second": [round(sum(len(r["tokens"]) for r in u["rows"]) / u["seconds"], 3)
-                                        for u in units],
+            "units_tokens_per_second": [u["tokens_per_second"] for u in units],
             "tokens_per_forward": round(n / fwd, 3) if fwd else 0.0,
             "draft_ms_per_step": round(1e3 * sum(r["draft_seconds"] for r in rows) / fwd, 3) if fwd else 0.0}
 
@@ -169,17 +137,17 @@ def measure(args, cfgs, engine, embedded, inputs) -> dict[str, list[dict]]:
     port = cfgs["remote"].grpc_port
     factories = {name: (lambda name=name: SpecdClient(f"127.0.0.1:{port}", application=name, timeout=600))
                  for name in cfgs}
-    c = args.concurrency
+    c, params = args.concurrency, SamplingParams(max_new_tokens=args.max_tokens)
     batches = [[ids] for ids in inputs] if c == 1 else [inputs]
     warm = [ids[:16] for ids in inputs[:c]]
     for f in factories.values():  # warm-up: first-call costs (routing tables, allocator) stay out
         run_served(f, warm, args.method, 4, c)
-    run_embedded(engine, embedded[args.method], warm, 4, c)
+    run_embedded(engine, embedded[args.method], warm, SamplingParams(max_new_tokens=4), c)
     for rep in range(args.repeats):
         for i, batch in enumerate(batches):
             for method in (args.method, "ar"):
                 units.setdefault(f"embedded/{method}", []).append(
-                    run_embedded(engine, embedded[method], batch, args.max_tokens, c))
+                    run_embedded(engine, embedded[method], batch, params, c))
                 for name, f in factories.items():
                     if method == "ar" and name == "colocated":
                         continue  # ar has no drafter: one served placement is enough
@@ -208,7 +176,7 @@ def build_report(args, rows, texts) -> dict:
     return {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
             "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
             "prompts": texts, "summary": summary,
-            "runs": {k: [{"seconds": round(u["seconds"], 3), "rows": [{**r, "tokens": len(r["tokens"])} for r in u["rows"]]}
+            "runs": {k: [{"seconds": u["wall_seconds"], "rows": [{**r, "tokens": len(r["tokens"])} for r in u["rows"]]}
                          for u in v] for k, v in rows.items()}}
 
 
