@@ -10,19 +10,29 @@ Contract for implementations:
 - Bounded: each weight stays in ``[0, cap]``; a context keeps at most ``top_k`` successors (the lowest
   weights are evicted).
 - Thread-safe: many requests in one process share one store.
+
+Both stores keep their local view in ``self._table`` (copy-on-write rows) under ``self._lock``; what
+changes it (folds, evictions, pulled rows) is reported to the store's watches (``watch()``), so a consumer
+that packs the rows for compiled code (``actors.aded.jit_search.StoreMirror``) can follow the store by
+re-reading only the rows that changed.
 """
 
 from __future__ import annotations
 
 import heapq
-
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from typing import Iterable
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field
 
 #: (a, b, c, delta): add ``delta`` to the weight of ``c`` following the bigram ``(a, b)``.
 Increment = tuple[int, int, int, float]
+Context = tuple[int, int]
+Row = dict[int, float]
 
 
 class StoreConfig(BaseModel):
@@ -39,9 +49,40 @@ class StoreConfig(BaseModel):
         "with others is dropped and counted (a poisoned row must never reach the verifier). None: unchecked.")
 
 
+class RowWatch:
+    """One consumer's record of the contexts whose local row changed since its last ``drain``. Bounded: past
+    ``limit`` distinct contexts it stops recording and its next drain hands over the whole view instead."""
+
+    def __init__(self, store: NGramStore, limit: int) -> None:
+        self._store = store
+        self.limit = limit
+        self._changed: set[Context] = set()
+        self._overflow = False
+
+    def note(self, contexts: Iterable[Context]) -> None:
+        """Called by the store, its lock held."""
+        if not self._overflow:
+            self._changed.update(contexts)
+            if len(self._changed) > self.limit:
+                self._changed, self._overflow = set(), True
+
+    def drain(self) -> tuple[bool, dict[Context, Row]]:
+        """``(reset, rows)``: the changed contexts' rows as they are now (empty: no row any more); with
+        ``reset`` (the watch overflowed) every row of the view instead, and the consumer starts over."""
+        store = self._store
+        with store._lock:
+            changed, reset = self._changed, self._overflow
+            self._changed, self._overflow = set(), False
+            table = store._table
+            return reset, dict(table) if reset else {c: table.get(c, _EMPTY) for c in changed}
+
+
 class NGramStore(ABC):
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
+        self._table: dict[Context, Row] = {}  # the local view; rows are replaced, never mutated
+        self._lock = threading.Lock()  # guards writes to _table (readers take a row without it)
+        self._watches: weakref.WeakSet[RowWatch] = weakref.WeakSet()
 
     @abstractmethod
     def add(self, increments: Iterable[Increment]) -> None:
@@ -58,16 +99,41 @@ class NGramStore(ABC):
     def close(self) -> None:
         """Flush what is buffered and release resources."""
 
+    def watch(self, limit: int = 65536) -> RowWatch:
+        """A record of the contexts whose row changes from now on (see ``RowWatch``); the store holds it weakly."""
+        w = RowWatch(self, limit)
+        with self._lock:
+            w.note(self._table)  # the first drain hands over the whole view
+            self._watches.add(w)
+        return w
 
-def evict_weakest(table: dict, max_rows: int | None) -> int:
+    def rows(self) -> dict[Context, Row]:
+        """A snapshot of the local view."""
+        with self._lock:
+            return dict(self._table)
+
+    def mark_read(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Contexts ``(a[i], b[i])`` were read without ``successors`` (from a packed copy of the rows): a store
+        that refreshes what is read (Redis) refreshes them. The in-process store has nothing to do."""
+
+    def _changed(self, contexts: Iterable[Context]) -> None:
+        """Report changed rows to the watches; the lock held."""
+        for w in self._watches:
+            w.note(contexts)
+
+
+def evict_weakest(table: dict, max_rows: int | None) -> list:
     """Bound ``table`` (context -> {successor: weight}) to ``max_rows``, dropping the rows of least total weight.
 
     Runs only once the table is 10% over, then cuts it back to ``max_rows``: O(rows) per 10% of new rows, so
-    O(10) per added row amortised. Returns the rows dropped.
+    O(10) per added row amortised. Returns the contexts dropped.
     """
     if max_rows is None or len(table) <= max_rows + max_rows // 10:
-        return 0
-    extra = len(table) - max_rows
-    for key in heapq.nsmallest(extra, table, key=lambda k: sum(table[k].values())):
+        return []
+    dropped = heapq.nsmallest(len(table) - max_rows, table, key=lambda k: sum(table[k].values()))
+    for key in dropped:
         del table[key]
-    return extra
+    return dropped
+
+
+_EMPTY: Row = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Iterable
 
 from shared_state.base import Increment, NGramStore, StoreConfig, evict_weakest
@@ -22,13 +21,12 @@ def fold(table: dict[int, float], c: int, delta: float, cap: float, top_k: int) 
 class MemoryStore(NGramStore):
     def __init__(self, config: StoreConfig) -> None:
         super().__init__(config)
-        self._table: dict[tuple[int, int], dict[int, float]] = {}
-        self._lock = threading.Lock()
         self.evicted = 0  # rows dropped by the max_rows bound
 
     def add(self, increments: Iterable[Increment]) -> None:
         cap, top_k = self.config.cap, self.config.top_k
         with self._lock:
+            touched = set()
             for a, b, c, delta in increments:
                 # Copy-on-write: readers may hold the previous dict without the lock.
                 row = dict(self._table.get((a, b), ()))
@@ -37,7 +35,10 @@ class MemoryStore(NGramStore):
                     self._table[(a, b)] = row
                 else:
                     self._table.pop((a, b), None)
-            self.evicted += evict_weakest(self._table, self.config.max_rows)
+                touched.add((a, b))
+            dropped = evict_weakest(self._table, self.config.max_rows)
+            self.evicted += len(dropped)
+            self._changed(touched.union(dropped))
 
     def successors(self, a: int, b: int) -> dict[int, float]:
         return self._table.get((a, b), _EMPTY)

@@ -122,8 +122,6 @@ class RedisStore(NGramStore):
         self._prefix = key_prefix(config.namespace)
         self._flush_script = self._client.register_script(FLUSH_LUA)
         self._pull_script = self._client.register_script(PULL_LUA)
-        self._lock = threading.Lock()  # guards _table writes and _pending
-        self._table: dict[Context, dict[int, float]] = {}  # copy-on-write rows
         # Contexts packed as a << 32 | b (token ids < 2**32): ints, which the cyclic GC never tracks.
         self._pending: OrderedDict[int, dict[int, float]] = OrderedDict()  # summed deltas, oldest first
         self._n_pending = 0
@@ -145,8 +143,8 @@ class RedisStore(NGramStore):
 
     def add(self, increments: Iterable[Increment]) -> None:
         cap, top_k = self.config.cap, self.config.top_k
-        with self._lock:
-            table, pending = self._table, self._pending
+        with self._lock:  # also guards _pending
+            table, pending, touched = self._table, self._pending, set()
             for a, b, c, delta in increments:
                 a, b, c, delta = int(a), int(b), int(c), float(delta)
                 row = dict(table.get((a, b), ()))
@@ -155,6 +153,7 @@ class RedisStore(NGramStore):
                     table[(a, b)] = row
                 else:
                     table.pop((a, b), None)
+                touched.add((a, b))
                 packed = a << 32 | b
                 buf = pending.get(packed)
                 if buf is None:
@@ -164,11 +163,16 @@ class RedisStore(NGramStore):
                 buf[c] = buf.get(c, 0.0) + delta
             self._drop_overflow()
             # The local view; the server's rows are bounded by the flush script (the rows index).
-            self._counts["evicted_rows"] += evict_weakest(table, self.config.max_rows)
+            dropped = evict_weakest(table, self.config.max_rows)
+            self._counts["evicted_rows"] += len(dropped)
+            self._changed(touched.union(dropped))
 
     def successors(self, a: int, b: int) -> dict[int, float]:
         self._reads[int(a) << 32 | int(b)] = None  # int(): a numpy int32 would overflow the shift
         return self._table.get((a, b), _EMPTY)
+
+    def mark_read(self, a: np.ndarray, b: np.ndarray) -> None:
+        self._reads.update(dict.fromkeys(((a.astype(np.int64) << 32) | b).tolist()))
 
     def __len__(self) -> int:
         return len(self._table)
@@ -343,6 +347,7 @@ class RedisStore(NGramStore):
                         self._table[key] = row
                     else:
                         self._table.pop(key, None)
+                    self._changed((key,))
             self._counts["pulls"] += 1
             self._counts["pulled_rows"] += len(chunk)
             _yield_gil()
