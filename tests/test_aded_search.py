@@ -11,7 +11,7 @@ import yaml
 
 import actors.aded.jit_search as jit_search
 from actors.aded.drafter import AdedConfig, AdedDrafter
-from actors.aded.jit_search import CompiledSearch, SearchCache
+from actors.aded.jit_search import CompiledSearch
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import NGramConfig, NGramModel, trigram_increments
 from actors.aded.tree import BestFirstConfig, best_first_paths
@@ -37,7 +37,7 @@ def _streams(seed: int, vocab: int, n: int = 12, length: int = 300) -> list[np.n
 
 
 def _model(seed: int, vocab: int, adaptive: int) -> tuple[NGramModel, list[np.ndarray]]:
-    """Matrix from seeded streams; ``adaptive`` random increments in the store (so rounds are needed)."""
+    """Matrix from seeded streams; ``adaptive`` random increments in the store (rows the search must combine)."""
     streams = _streams(seed, vocab)
     matrix = build_matrix(streams, vocab, top_k=int(4 + seed % 6), progress=False)
     store = MemoryStore(StoreConfig(namespace="t"))
@@ -69,9 +69,8 @@ def test_compiled_search_equals_reference(seed):
         bf = BestFirstConfig(max_nodes=int(rng.integers(0, 40)), max_depth=int(rng.integers(1, 9)),
                              branch=int(rng.integers(1, 6)), min_prob=float(rng.choice([0.0, 0.01, 0.05])))
         assert search.best_first(a, b, bf) == best_first_paths(model.memo(), a, b, bf)
-    assert search.inexact == 0
     if seed % 3:
-        assert search.rounds > search.calls  # adaptive rows were found and the search ran again
+        assert search.mirror.combined > 0  # the searches met states with adaptive weights
 
 
 def test_static_rows_equal_ngram_model():
@@ -82,23 +81,76 @@ def test_static_rows_equal_ngram_model():
         assert search.static_row(a, b) == model._combine(a, b, {}), (a, b)
 
 
-def test_request_cache_follows_store_changes():
-    """Across a request's steps the store changes (rows gained, changed, emptied): still the reference's trees."""
+def test_search_follows_store_changes():
+    """Between calls the store changes (rows gained, changed, emptied, evicted): still the reference's trees."""
     model, streams = _model(7, 97, adaptive=500)
+    model.store.config = model.store.config.model_copy(update={"max_rows": 400})  # evicts as it goes
     search = CompiledSearch(model)
-    cache_mcts, cache_bf = SearchCache(), SearchCache()
     s = streams[0]
     for step in range(2, 60):
         a, b = int(s[step - 1]), int(s[step])
         config = MctsConfig(simulations=40, value="path" if step % 2 else "rollout")
-        assert search.mcts(a, b, config, np.random.default_rng(step), cache_mcts) == \
+        assert search.mcts(a, b, config, np.random.default_rng(step)) == \
             mcts_paths(model.memo(), a, b, config, np.random.default_rng(step))
-        assert search.best_first(a, b, BestFirstConfig(), cache_bf) == \
-            best_first_paths(model.memo(), a, b, BestFirstConfig())
+        assert search.best_first(a, b, BestFirstConfig()) == best_first_paths(model.memo(), a, b, BestFirstConfig())
         model.store.add(trigram_increments(s[: step + 3].tolist(), step, 0.7))  # new rows
         c = int(s[step + 1])
         model.store.add([(b, c, int(s[step + 2]), -5.0), (a, b, c, -5.0)])  # rows emptied / weights removed
-    assert len(cache_mcts) and search.inexact == 0
+    assert search.mirror.combined > 0 and model.store.evicted > 0
+
+
+def test_mirror_starts_over_when_full_or_overflowed():
+    """A mirror out of room, or whose watch overflowed, reloads the whole view and stays exact."""
+    model, streams = _model(4, 97, adaptive=200)
+    search = CompiledSearch(model)
+    search.mirror._allocate(16, 16)  # far too small: the next sync must start over
+    search.mirror.watch.limit = 50
+    rng = np.random.default_rng(0)
+    for step in range(30):
+        model.store.add([(int(rng.integers(97)), int(rng.integers(97)), int(rng.integers(97)), 0.5)
+                         for _ in range(5 if step % 3 else 200)])  # every third step overflows the watch
+        a, b = int(rng.integers(97)), int(rng.integers(97))
+        assert search.best_first(a, b, BestFirstConfig()) == best_first_paths(model.memo(), a, b, BestFirstConfig())
+    assert len(search.mirror.arrays[2]) >= len(model.store)
+
+
+def test_store_watch_reports_every_change():
+    store = MemoryStore(StoreConfig(namespace="t", max_rows=10))
+    store.add([(0, 0, 1, 1.0)])
+    watch = store.watch(limit=100)
+    assert watch.drain() == (False, {(0, 0): {1: 1.0}})  # the first drain: the whole view
+    store.add([(0, 0, 1, -2.0), (1, 1, 2, 0.5)])  # a row emptied, a row added
+    assert watch.drain() == (False, {(0, 0): {}, (1, 1): {2: 0.5}})
+    store.add([(i, i, 1, 1.0 + i) for i in range(2, 14)])  # 13 rows: past max_rows + 10%, the lightest go
+    reset, rows = watch.drain()
+    assert not reset and (1, 1) in rows and rows[(1, 1)] == {} and len(store) == 10
+    store.add([(i, 0, 1, 1.0) for i in range(200)])  # more than the watch's limit
+    assert watch.drain() == (True, store.rows())
+
+
+def test_search_over_a_redis_store_pulls_what_it_reads():
+    """The compiled search reads a mirror, not ``successors``: it must still tell a Redis store what it read,
+    or rows other replicas wrote would never be pulled into its drafts."""
+    from redis_server import RedisServer
+    from shared_state import RedisStore
+
+    model, streams = _model(2, 97, adaptive=0)
+    a, b = int(streams[0][5]), int(streams[0][6])
+    fast = {"flush_interval_s": 0.02, "refresh_interval_s": 0.05, "half_life_s": None}
+    with RedisServer() as server:
+        mine = RedisStore(StoreConfig(namespace="t", vocab_size=97), server.url, **fast)
+        model = NGramModel(model.matrix, mine, model.config)
+        search = CompiledSearch(model)
+        before = search.best_first(a, b, BestFirstConfig())
+        other = RedisStore(StoreConfig(namespace="t", vocab_size=97), server.url, **fast)
+        other.add([(a, b, 96, 3.0)])  # another replica learns a successor the matrix does not rank first
+        assert other.refresh(timeout=120)  # flushed to Redis
+        other.close()
+        assert mine.refresh(timeout=120)  # one cycle: the reads the search marked are pulled
+        after = search.best_first(a, b, BestFirstConfig())
+        assert after[0][1] == 96 and after != before
+        assert after == best_first_paths(model.memo(), a, b, BestFirstConfig())
+        mine.close()
 
 
 @pytest.mark.parametrize("search", ["best_first", "mcts"])
@@ -174,9 +226,9 @@ def test_cli_flags_reach_the_search(capsys, monkeypatch):
     calls = []
     original = jit_search.CompiledSearch.mcts
 
-    def spy(self, a, b, config, rng, cache=None):
+    def spy(self, a, b, config, rng):
         calls.append(config)
-        return original(self, a, b, config, rng, cache)
+        return original(self, a, b, config, rng)
 
     monkeypatch.setattr(jit_search.CompiledSearch, "mcts", spy)
     assert main(["generate", *TINY, "def f(x): return x + x", "--method", "ar"]) == 0

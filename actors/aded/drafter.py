@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.aded.budget import (HISTORY, MCTS, NGRAM, RECYCLE, SUFFIX, BudgetConfig, Calibrator, CostTable,
                                 choose_budget)
 from actors.aded.history import History, HistoryConfig
-from actors.aded.jit_search import CompiledSearch, SearchCache
+from actors.aded.jit_search import CompiledSearch
 from actors.aded.mcts import MctsConfig, mcts_paths
 from actors.aded.ngram import AdaptConfig, NGramConfig, NGramModel, topk_increments, trigram_increments
 from actors.aded.recycle import Recycler, RecycleConfig
@@ -83,7 +83,6 @@ class _Request:
     context: np.ndarray | None = None  # the last proposal's context: joins the history on finish
     predicted: float = 0.0  # decayed sums of this request's predicted and realised accepted nodes
     realised: float = 0.0
-    search_cache: SearchCache | None = None  # the compiled search's knowledge of the store, step to step
 
     def correction(self, strength: float) -> float:
         """How this request's acceptance compares with the shared calibration (1 = as predicted)."""
@@ -119,7 +118,7 @@ class AdedDrafter(BaseDrafter):
 
     def start(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         seed = self.config.seed if params.seed is None else params.seed
-        state = _Request(np.random.default_rng(seed), params.greedy, folded=0, search_cache=SearchCache())
+        state = _Request(np.random.default_rng(seed), params.greedy, folded=0)
         if self.config.adapt.fold_prompt:
             self._fold_context(state, np.asarray(prompt_ids, np.int64))
         with self._lock:
@@ -202,8 +201,8 @@ class AdedDrafter(BaseDrafter):
             return [], NGRAM
         if self.search is not None:
             if search == "best_first":
-                return self.search.best_first(a, b, config.best_first, state.search_cache), NGRAM
-            return self.search.mcts(a, b, config.mcts, state.rng, state.search_cache), MCTS
+                return self.search.best_first(a, b, config.best_first), NGRAM
+            return self.search.mcts(a, b, config.mcts, state.rng), MCTS
         lookup = self.model.memo()
         if search == "best_first":
             return best_first_paths(lookup, a, b, config.best_first), NGRAM

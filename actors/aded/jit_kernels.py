@@ -1,4 +1,4 @@
-"""numba kernels of ADED's searches: the n-gram row table, best-first and MCTS (PUCT).
+"""numba kernels of ADED's searches: best-first and MCTS (PUCT), over the rows of ``jit_rows``.
 
 Each kernel is a line-by-line port of its reference (``actors.aded.tree.best_first_paths``,
 ``actors.aded.mcts.mcts_paths``): the same float operations in the same order, the same tie-breaks, the
@@ -8,17 +8,6 @@ Performance note: numba reference-counts every array handed to a function that h
 ~20 arrays that cost ~0.6 us a call, more than the search itself. So the hot loops take their arrays
 unpacked once per kernel, probe the table inline (``_probe``: two arrays) and only the rare miss path
 (``_insert``) takes the rest.
-
-Successor rows come from a per-call table (``RowTable`` arrays, see ``actors.aded.jit_search``): a state
-seen for the first time gets its *static* row (matrix with bigram backoff, exactly what
-``NGramModel._combine`` gives with no adaptive weights) marked provisional; the caller then asks the store
-about the provisional states and, if any had adaptive weights, writes their combined rows and runs the
-search again. Table layout, R rows of at most K successors, C = a power of two > R hash slots:
-
-    slot_row [C] int64 (-1 free)   slot_key [C] int64     (a + 1) << 32 | b, open addressing
-    row_key  [R] int64             row_kind [R] int8      PROVISIONAL | FINAL
-    row_ids  [R, K] int64          row_probs [R, K] float64   row_len [R] int64
-    used     [1] int64             rows taken
 """
 
 from __future__ import annotations
@@ -28,96 +17,7 @@ import math
 import numpy as np
 from numba import njit
 
-PROVISIONAL, FINAL = 1, 2
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _static_row(mat, a, b, alpha, backoff, k, out_ids, out_probs):
-    """The matrix row of ``(a, b)`` (bigram backoff when unseen) scaled as ``NGramModel._combine`` does:
-    float32 probabilities times the float32-rounded scale (numpy 2 keeps float32 * python float in float32)."""
-    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab = mat
-    i = -1
-    if 0 <= a < vocab and 0 <= b < vocab:
-        key = a * vocab + b
-        j = np.searchsorted(pair_keys, key)
-        if j < len(pair_keys) and pair_keys[j] == key:
-            i = j
-    if i >= 0:
-        lo, hi = pair_offsets[i], pair_offsets[i + 1]
-        total = np.float64(pair_totals[i])
-        scale = np.float32(total / (total + alpha))
-        n = min(hi - lo, k)
-        for j in range(n):
-            out_ids[j] = pair_succ[lo + j]
-            out_probs[j] = np.float64(pair_probs[lo + j] * scale)
-        return n
-    if not 0 <= b < vocab:
-        return 0
-    lo, hi = bi_offsets[b], bi_offsets[b + 1]
-    scale = np.float32(backoff)
-    n = min(hi - lo, k)
-    for j in range(n):
-        out_ids[j] = bi_succ[lo + j]
-        out_probs[j] = np.float64(bi_probs[lo + j] * scale)
-    return n
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _hash(a, b):
-    """Mixes both tokens; every product stays below 2**63 (numba's signed overflow is undefined: LLVM
-    optimised a wrapping multiplicative hash into a constant)."""
-    h = ((a + 1) & 0x3FFFFFFF) * 0x9E3779B1 + (b & 0x3FFFFFFF) * 0x85EBCA6B  # < 2**63
-    h ^= h >> 29
-    h = (h & 0xFFFFFFFF) * 0x2C1B3C6D  # < 2**62
-    return h ^ (h >> 31)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _probe(slot_row, slot_key, key, i):
-    """Slot of ``key``: where it is, or the free slot where it goes (linear probing)."""
-    mask = len(slot_row) - 1
-    while slot_row[i] >= 0 and slot_key[i] != key:
-        i = (i + 1) & mask
-    return i
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _insert(tab, mat, alpha, backoff, k, a, b, key, i):
-    """New provisional row for ``(a, b)`` in free slot ``i``: its static row."""
-    slot_row, slot_key, row_key, row_kind, row_ids, row_probs, row_len, used = tab
-    r = used[0]
-    if r >= len(row_key):
-        raise ValueError("row table full")  # sized from the search's bound on distinct states: never
-    used[0] = r + 1
-    slot_row[i], slot_key[i], row_key[r], row_kind[r] = r, key, key, PROVISIONAL
-    row_len[r] = _static_row(mat, a, b, alpha, backoff, k, row_ids[r], row_probs[r])
-    return r
-
-
-@njit(cache=True, nogil=True)
-def lookup(mat, tab, alpha, backoff, k, a, b):
-    """Row index of state ``(a, b)``, adding its static row (provisional) if new. (The kernels inline this.)"""
-    slot_row, slot_key = tab[0], tab[1]
-    key = ((a + 1) << 32) | b
-    i = _probe(slot_row, slot_key, key, _hash(a, b) & (len(slot_row) - 1))
-    r = slot_row[i]
-    return r if r >= 0 else _insert(tab, mat, alpha, backoff, k, a, b, key, i)
-
-
-@njit(cache=True, nogil=True)
-def preload(tab, a, b, ids, probs, lens):
-    """Final rows for states ``(a[j], b[j])``: ``ids``/``probs`` [m, K], ``lens`` [m] (a fresh table)."""
-    slot_row, slot_key, row_key, row_kind, row_ids, row_probs, row_len, used = tab
-    mask = len(slot_row) - 1
-    for j in range(len(a)):
-        key = ((a[j] + 1) << 32) | b[j]
-        i = _probe(slot_row, slot_key, key, _hash(a[j], b[j]) & mask)
-        if slot_row[i] >= 0:
-            continue
-        r = used[0]
-        used[0] = r + 1
-        slot_row[i], slot_key[i], row_key[r], row_kind[r] = r, key, key, FINAL
-        row_ids[r], row_probs[r], row_len[r] = ids[j], probs[j], lens[j]
+from actors.aded.jit_rows import _hash, _insert, _probe
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -166,9 +66,9 @@ def _heap_pop(neg, ints, size):
 
 
 @njit(cache=True, nogil=True)
-def best_first(mat, tab, alpha, backoff, k, a, b, max_nodes, max_depth, branch, min_prob):
+def best_first(mat, tab, mir, alpha, backoff, k, a, b, max_nodes, max_depth, branch, min_prob):
     """``tree.best_first_paths``: (parents, tokens, path probs) in pop order."""
-    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[4], tab[5], tab[6]
+    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[3], tab[4], tab[5]
     mask = len(slot_row) - 1
     cap = branch * (max_nodes + 1) + 1
     neg, ints = np.empty(cap), np.empty((cap, 4), np.int64)
@@ -182,7 +82,7 @@ def best_first(mat, tab, alpha, backoff, k, a, b, max_nodes, max_depth, branch, 
             i = _probe(slot_row, slot_key, key, _hash(prev, tok) & mask)
             r = slot_row[i]
             if r < 0:
-                r = _insert(tab, mat, alpha, backoff, k, prev, tok, key, i)
+                r = _insert(tab, mat, mir, alpha, backoff, k, prev, tok, key, i)
             for j in range(min(branch, row_len[r])):
                 q = p_node * row_probs[r, j] if n > 0 else row_probs[r, j]
                 if q >= min_prob:
@@ -199,11 +99,11 @@ def best_first(mat, tab, alpha, backoff, k, a, b, max_nodes, max_depth, branch, 
 
 
 @njit(cache=True, nogil=True)
-def mcts(mat, tab, alpha, backoff, k, a, b, simulations, max_depth, c1, c2, rollout_len, top_paths, extend,
+def mcts(mat, tab, mir, alpha, backoff, k, a, b, simulations, max_depth, c1, c2, rollout_len, top_paths, extend,
          use_path, uniforms):
     """``mcts.mcts_paths``: (parents, tokens, confidences), parents first. ``uniforms`` [simulations *
     rollout_len]: simulation s uses ``uniforms[s * rollout_len:(s + 1) * rollout_len]``."""
-    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[4], tab[5], tab[6]
+    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[3], tab[4], tab[5]
     mask = len(slot_row) - 1
     # The reference's capacity (1 + simulations * 64) is never reached: each simulation expands at most
     # one node by at most k children. This one is not reached either, and costs less to allocate.
@@ -235,7 +135,7 @@ def mcts(mat, tab, alpha, backoff, k, a, b, simulations, max_depth, c1, c2, roll
             i = _probe(slot_row, slot_key, key, _hash(prev[node], tok[node]) & mask)
             r = slot_row[i]
             if r < 0:
-                r = _insert(tab, mat, alpha, backoff, k, prev[node], tok[node], key, i)
+                r = _insert(tab, mat, mir, alpha, backoff, k, prev[node], tok[node], key, i)
             lo = size
             hi = min(lo + row_len[r], cap)
             child_lo[node], child_hi[node] = lo, hi
@@ -255,7 +155,7 @@ def mcts(mat, tab, alpha, backoff, k, a, b, simulations, max_depth, c1, c2, roll
             i = _probe(slot_row, slot_key, key, _hash(pv, tk) & mask)
             r = slot_row[i]
             if r < 0:
-                r = _insert(tab, mat, alpha, backoff, k, pv, tk, key, i)
+                r = _insert(tab, mat, mir, alpha, backoff, k, pv, tk, key, i)
             m = row_len[r]
             if m == 0:
                 break
@@ -278,14 +178,14 @@ def mcts(mat, tab, alpha, backoff, k, a, b, simulations, max_depth, c1, c2, roll
         for d in range(plen):
             visits[path[d]] += 1.0
             value[path[d]] += v
-    return _paths(mat, tab, alpha, backoff, k, simulations, top_paths, extend, size, prev, tok, parent, depth,
+    return _paths(mat, tab, mir, alpha, backoff, k, simulations, top_paths, extend, size, prev, tok, parent, depth,
                   visits)
 
 
 @njit(cache=True, nogil=True)
-def _paths(mat, tab, alpha, backoff, k, simulations, top_paths, extend, size, prev, tok, parent, depth, visits):
+def _paths(mat, tab, mir, alpha, backoff, k, simulations, top_paths, extend, size, prev, tok, parent, depth, visits):
     """The kept nodes with their ancestors (by depth, then visits, then index), then greedy extensions."""
-    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[4], tab[5], tab[6]
+    slot_row, slot_key, row_ids, row_probs, row_len = tab[0], tab[1], tab[3], tab[4], tab[5]
     mask = len(slot_row) - 1
     cap = len(prev)
     keys = np.empty(size, np.int64)
@@ -325,7 +225,7 @@ def _paths(mat, tab, alpha, backoff, k, simulations, top_paths, extend, size, pr
             i = _probe(slot_row, slot_key, key, _hash(pv, tk) & mask)
             r = slot_row[i]
             if r < 0:
-                r = _insert(tab, mat, alpha, backoff, k, pv, tk, key, i)
+                r = _insert(tab, mat, mir, alpha, backoff, k, pv, tk, key, i)
             if row_len[r] == 0:
                 break
             conf *= row_probs[r, 0]
