@@ -24,16 +24,24 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _pair_index(pair_keys, by_a, vocab, a, b):
+    """``TrigramMatrix.pair_index``: the pair's row or -1. ``by_a[a]:by_a[a + 1]`` are the pairs starting
+    with ``a`` (a dozen on average), so the binary search touches a cache line or two, not ~20 levels of
+    the whole key array: after a verify forward has streamed the weights through the caches, every miss
+    counts."""
+    if not (0 <= a < vocab and 0 <= b < vocab):
+        return -1
+    lo, hi, key = by_a[a], by_a[a + 1], a * vocab + b
+    j = lo + np.searchsorted(pair_keys[lo:hi], key)
+    return j if j < hi and pair_keys[j] == key else -1
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _static_row(mat, a, b, alpha, backoff, k, out_ids, out_probs):
     """The matrix row of ``(a, b)`` (bigram backoff when unseen) scaled as ``NGramModel._combine`` does:
     float32 probabilities times the float32-rounded scale (numpy 2 keeps float32 * python float in float32)."""
-    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab = mat
-    i = -1
-    if 0 <= a < vocab and 0 <= b < vocab:
-        key = a * vocab + b
-        j = np.searchsorted(pair_keys, key)
-        if j < len(pair_keys) and pair_keys[j] == key:
-            i = j
+    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab, by_a = mat
+    i = _pair_index(pair_keys, by_a, vocab, a, b)
     if i >= 0:
         lo, hi = pair_offsets[i], pair_offsets[i + 1]
         total = np.float64(pair_totals[i])
@@ -96,15 +104,10 @@ def _combined_row(mat, mir, m, alpha, backoff, k, a, b, out_ids, out_probs):
     """``NGramModel._combine`` with the store's weights (mirror row ``m``): the whole static row scaled, the
     weights added, the ``k`` largest kept by a stable sort (static order, then the store row's), over
     ``1 + sum of weights``. The same float operations in the same order."""
-    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab = mat
+    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab, by_a = mat
     start, length, m_ids, m_weights, counts = mir[2], mir[3], mir[4], mir[5], mir[6]
     counts[2] += 1
-    i = -1
-    if 0 <= a < vocab and 0 <= b < vocab:
-        key = a * vocab + b
-        j = np.searchsorted(pair_keys, key)
-        if j < len(pair_keys) and pair_keys[j] == key:
-            i = j
+    i = _pair_index(pair_keys, by_a, vocab, a, b)
     lo, hi, scale = 0, 0, np.float32(backoff)
     if i >= 0:
         lo, hi = pair_offsets[i], pair_offsets[i + 1]

@@ -30,6 +30,12 @@ def _slots(rows: int) -> int:
     return 1 << max(4, int(2 * rows).bit_length())  # load factor <= 1/2
 
 
+def _pairs_by_first(m) -> np.ndarray:
+    """``[vocab + 1]``: where the pairs starting with each token begin in the matrix's sorted pair keys."""
+    keys = np.asarray(m.pair_keys, np.int64)
+    return np.searchsorted(keys, np.arange(m.vocab_size + 1, dtype=np.int64) * m.vocab_size).astype(np.int64)
+
+
 def mirror_arrays(rows: int, arena: int) -> tuple:
     """An empty store mirror (layout: ``jit_rows``) with room for ``rows`` contexts and ``arena`` weights."""
     return (np.full(_slots(rows), -1, np.int64), np.zeros(_slots(rows), np.int64), np.zeros(rows, np.int64),
@@ -99,7 +105,7 @@ class CompiledSearch:
                     np.ascontiguousarray(m.pair_succ, np.int32), np.ascontiguousarray(m.pair_probs, np.float32),
                     np.ascontiguousarray(m.pair_totals, np.float32), np.ascontiguousarray(m.bi_offsets, np.int64),
                     np.ascontiguousarray(m.bi_succ, np.int32), np.ascontiguousarray(m.bi_probs, np.float32),
-                    np.int64(m.vocab_size))
+                    np.int64(m.vocab_size), _pairs_by_first(m))
         c = model.config
         self.row_args = (float(c.pair_alpha), float(c.backoff), int(c.max_successors))
         self.mirror = StoreMirror(model)
