@@ -292,10 +292,6 @@ def cancels(app: App, n: int) -> dict:
 # ---- the served app -------------------------------------------------------------------------------
 
 
-def port() -> int:
-    return free_port()
-
-
 def serve_config(model: str, draft_model: str, redis_url: str, grpc_port: int, http_port: int, name: str = "specd",
                  route_prefix: str = "/", draft_pool: str = "draft_pool", verify_pool: str = "verify_pool",
                  max_tokens_limit: int = 256):
@@ -344,7 +340,7 @@ def main(argv=None) -> int:
     from redis_server import RedisServer
 
     redis = RedisServer().start()
-    cfg = serve_config(args.model, args.draft_model, redis.url, port(), port())
+    cfg = serve_config(args.model, args.draft_model, redis.url, free_port(), free_port())
     app = App(cfg.name, cfg.grpc_port, cfg.http_port, cfg.route_prefix, reference(args.model, args.max_tokens),
               args.max_tokens, cfg.max_tokens_limit, redis)
     local.prepare(cfg, lambda m: print(m, file=sys.stderr, flush=True))

@@ -65,14 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _port() -> int:
-    return free_port()
-
-
 def configs(args) -> dict[str, ServeConfig]:
     """The two apps: the method's drafter on the draft pool, or inside the verifier."""
     base = dict(model=args.model, draft_model=args.draft_model, default_method="ar", torch_threads=args.served_threads,
-                http_port=_port(), grpc_port=_port(), max_tokens_limit=max(2048, args.max_tokens),
+                http_port=free_port(), grpc_port=free_port(), max_tokens_limit=max(2048, args.max_tokens),
                 max_batch=max(8, args.concurrency), verifier=DeploymentOptions(num_cpus=0.5, resources={"verify_pool": 1}))
     aux = args.method in ServeConfig().aux_methods
     key = "aux_placement" if aux else "trigram_placement"
