@@ -37,28 +37,28 @@ def _pair_index(pair_keys, by_a, vocab, a, b):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _static_row(mat, a, b, alpha, backoff, k, out_ids, out_probs):
-    """The matrix row of ``(a, b)`` (bigram backoff when unseen) scaled as ``NGramModel._combine`` does:
-    float32 probabilities times the float32-rounded scale (numpy 2 keeps float32 * python float in float32)."""
+def _static_span(mat, a, b, alpha, backoff):
+    """Where the static row of ``(a, b)`` lies: ``(ids, probs, lo, hi, scale)``, the pair's row or, unseen,
+    the bigram row of ``b`` (empty when ``b`` is outside the vocabulary), and its float32-rounded scale."""
     pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab, by_a = mat
     i = _pair_index(pair_keys, by_a, vocab, a, b)
     if i >= 0:
-        lo, hi = pair_offsets[i], pair_offsets[i + 1]
         total = np.float64(pair_totals[i])
-        scale = np.float32(total / (total + alpha))
-        n = min(hi - lo, k)
-        for j in range(n):
-            out_ids[j] = pair_succ[lo + j]
-            out_probs[j] = np.float64(pair_probs[lo + j] * scale)
-        return n
-    if not 0 <= b < vocab:
-        return 0
-    lo, hi = bi_offsets[b], bi_offsets[b + 1]
-    scale = np.float32(backoff)
+        return pair_succ, pair_probs, pair_offsets[i], pair_offsets[i + 1], np.float32(total / (total + alpha))
+    if 0 <= b < vocab:
+        return bi_succ, bi_probs, bi_offsets[b], bi_offsets[b + 1], np.float32(backoff)
+    return bi_succ, bi_probs, bi_offsets[0], bi_offsets[0], np.float32(backoff)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _static_row(mat, a, b, alpha, backoff, k, out_ids, out_probs):
+    """The matrix row of ``(a, b)`` (bigram backoff when unseen) scaled as ``NGramModel._combine`` does:
+    float32 probabilities times the float32-rounded scale (numpy 2 keeps float32 * python float in float32)."""
+    ids, probs, lo, hi, scale = _static_span(mat, a, b, alpha, backoff)
     n = min(hi - lo, k)
     for j in range(n):
-        out_ids[j] = bi_succ[lo + j]
-        out_probs[j] = np.float64(bi_probs[lo + j] * scale)
+        out_ids[j] = ids[lo + j]
+        out_probs[j] = np.float64(probs[lo + j] * scale)
     return n
 
 
@@ -104,24 +104,13 @@ def _combined_row(mat, mir, m, alpha, backoff, k, a, b, out_ids, out_probs):
     """``NGramModel._combine`` with the store's weights (mirror row ``m``): the whole static row scaled, the
     weights added, the ``k`` largest kept by a stable sort (static order, then the store row's), over
     ``1 + sum of weights``. The same float operations in the same order."""
-    pair_keys, pair_offsets, pair_succ, pair_probs, pair_totals, bi_offsets, bi_succ, bi_probs, vocab, by_a = mat
     start, length, m_ids, m_weights, counts = mir[2], mir[3], mir[4], mir[5], mir[6]
     counts[2] += 1
-    i = _pair_index(pair_keys, by_a, vocab, a, b)
-    lo, hi, scale = 0, 0, np.float32(backoff)
-    if i >= 0:
-        lo, hi = pair_offsets[i], pair_offsets[i + 1]
-        total = np.float64(pair_totals[i])
-        scale = np.float32(total / (total + alpha))
-    elif 0 <= b < vocab:
-        lo, hi = bi_offsets[b], bi_offsets[b + 1]
+    succ, probs, lo, hi, scale = _static_span(mat, a, b, alpha, backoff)
     ns, lo_m, nm = hi - lo, start[m], length[m]
     ids, vals = np.empty(ns + nm, np.int64), np.empty(ns + nm)
     for j in range(ns):
-        if i >= 0:
-            ids[j], vals[j] = pair_succ[lo + j], np.float64(pair_probs[lo + j] * scale)
-        else:
-            ids[j], vals[j] = bi_succ[lo + j], np.float64(bi_probs[lo + j] * scale)
+        ids[j], vals[j] = succ[lo + j], np.float64(probs[lo + j] * scale)
     n, weight = ns, 0.0
     for t in range(nm):
         c, w = m_ids[lo_m + t], m_weights[lo_m + t]
