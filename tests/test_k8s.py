@@ -24,7 +24,7 @@ from specd.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_ENV = "SPECD_KUBERAY_CRD"
-CRD_DEFAULT = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0-rayservices.crd.json"
+CRD_DEFAULT = ROOT / "k8s" / "schemas" / "kuberay-v1.7.0-rayservices.crd.json"  # vendored: a bare clone checks it
 K8S_VERSION = "1.35.0"
 OVERLAYS = pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 
